@@ -1,0 +1,84 @@
+"""``build_loaders(cfg)``: train and val iterables with one batch interface.
+
+Whichever backend runs (DALI or torchvision), a loader yields ``(images, labels)`` already on
+the device: normalised float NCHW images and int64 labels, ``len()`` batches per epoch on
+this rank, and ``set_epoch(epoch)``. Validation shards cover every image exactly once.
+"""
+from dataclasses import dataclass
+from typing import Iterator, List, Tuple
+
+import torch
+from omegaconf import DictConfig
+from timm.data.loader import PrefetchLoader
+
+from data.folder import check_dataset_root, read_bad_files
+from data.torch_loader import build_torch_loaders
+from scsa.errors import UserError
+
+
+@dataclass
+class Loaders:
+    train: "DeviceLoader"
+    val: "DeviceLoader"
+    classes: List[str]
+    backend: str
+
+
+class DeviceLoader:
+    """A torch DataLoader whose batches arrive normalised on the device (prefetched on CUDA)."""
+
+    def __init__(self, loader: torch.utils.data.DataLoader, mean, std, device: torch.device, channels_last: bool):
+        self.sampler = loader.sampler
+        self.channels_last = channels_last
+        self.prefetcher = PrefetchLoader(loader, mean=[m / 255 for m in mean], std=[s / 255 for s in std],
+                                         device=device)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.prefetcher)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.prefetcher:
+            if self.channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            yield images, labels
+
+
+def resolve_backend(requested: str) -> str:
+    """``auto`` picks DALI where it is installed, else torchvision."""
+    if requested not in ("auto", "dali", "torch"):
+        raise UserError(f"unknown data.loader '{requested}': use auto, dali or torch")
+    if requested == "torch":
+        return "torch"
+    try:
+        from data.dali import dali_available
+    except ImportError:
+        dali_available = lambda: False  # noqa: E731
+    if dali_available():
+        return "dali"
+    if requested == "dali":
+        raise UserError("data.loader=dali but NVIDIA DALI is not installed: pip install -r requirements.txt, "
+                        "or use data.loader=torch")
+    return "torch"
+
+
+def build_loaders(cfg: DictConfig, *, rank: int, world_size: int, device: torch.device,
+                  seed: int, channels_last: bool) -> Loaders:
+    """Validate ``cfg.root`` and build this rank's train/val loaders."""
+    classes = check_dataset_root(cfg.root)
+    skip_files = read_bad_files(cfg.root)
+    backend = resolve_backend(cfg.loader)
+    common = dict(batch_size=cfg.batch_size, image_size=cfg.image_size, val_resize=cfg.val_resize,
+                  scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip, workers=cfg.workers,
+                  rank=rank, world_size=world_size, seed=seed, skip_files=skip_files)
+    if backend == "dali":
+        from data.dali import build_dali_loaders
+        train, val = build_dali_loaders(cfg.root, mean=cfg.mean, std=cfg.std, device=device,
+                                        channels_last=channels_last, **common)
+        return Loaders(train, val, classes, backend)
+    train, val, _ = build_torch_loaders(cfg.root, pin_memory=device.type == "cuda", **common)
+    return Loaders(DeviceLoader(train, cfg.mean, cfg.std, device, channels_last),
+                   DeviceLoader(val, cfg.mean, cfg.std, device, channels_last), classes, backend)

@@ -1,0 +1,81 @@
+"""The torchvision input pipeline: ImageFolder + the train/val presets, uint8 batches.
+
+Workers decode and crop; normalisation happens on the device (timm's PrefetchLoader),
+so only uint8 crosses the host-device link.
+"""
+import logging
+from pathlib import Path
+from typing import Collection, Iterator, List, Sequence, Tuple
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler, Sampler
+from torchvision import datasets, transforms
+
+log = logging.getLogger(__name__)
+
+
+class SafeImageFolder(datasets.ImageFolder):
+    """ImageFolder that skips listed bad files and survives an unreadable one.
+
+    A file that fails to decode mid-run is reported with its path and replaced by the next
+    sample, so one bad JPEG never ends a run hours in (``python -m data.scan`` lists them
+    all up front).
+    """
+
+    def __init__(self, root: str, transform, skip_files: Collection[str] = ()):
+        base = Path(root).parent
+        skip = {str(base / f) for f in skip_files}
+        super().__init__(root, transform=transform, is_valid_file=lambda p: (
+            p.lower().endswith(datasets.folder.IMG_EXTENSIONS) and p not in skip))
+
+    def __getitem__(self, index: int):
+        try:
+            return super().__getitem__(index)
+        except (OSError, ValueError) as e:
+            log.warning("skipping unreadable image %s (%s): run `python -m data.scan` to list bad files",
+                        self.samples[index][0], e)
+            return self[(index + 1) % len(self)]
+
+
+class ShardSampler(Sampler[int]):
+    """Every ``world_size``-th index from ``rank``: each sample on exactly one rank, no padding."""
+
+    def __init__(self, size: int, rank: int, world_size: int):
+        self.indices = list(range(rank, size, world_size))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def train_transform(image_size: int, scale: Sequence[float], ratio: Sequence[float], hflip: float):
+    return transforms.Compose([
+        transforms.RandomResizedCrop(image_size, scale=tuple(scale), ratio=tuple(ratio), antialias=True),
+        transforms.RandomHorizontalFlip(hflip),
+        transforms.PILToTensor(),
+    ])
+
+
+def val_transform(image_size: int, val_resize: int):
+    return transforms.Compose([
+        transforms.Resize(val_resize, antialias=True),
+        transforms.CenterCrop(image_size),
+        transforms.PILToTensor(),
+    ])
+
+
+def build_torch_loaders(root: str, *, batch_size: int, image_size: int, val_resize: int,
+                        scale: Sequence[float], ratio: Sequence[float], hflip: float, workers: int,
+                        rank: int, world_size: int, seed: int, pin_memory: bool,
+                        skip_files: Collection[str] = ()) -> Tuple[DataLoader, DataLoader, List[str]]:
+    """uint8 NCHW train/val loaders sharded over ``world_size`` ranks, and the class names."""
+    train_set = SafeImageFolder(f"{root}/train", train_transform(image_size, scale, ratio, hflip), skip_files)
+    val_set = SafeImageFolder(f"{root}/val", val_transform(image_size, val_resize), skip_files)
+    common = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
+                  persistent_workers=workers > 0)
+    train = DataLoader(train_set, sampler=DistributedSampler(train_set, world_size, rank, shuffle=True, seed=seed),
+                       drop_last=True, **common)
+    val = DataLoader(val_set, sampler=ShardSampler(len(val_set), rank, world_size), **common)
+    return train, val, train_set.classes

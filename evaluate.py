@@ -1,0 +1,69 @@
+"""Evaluate a checkpoint: ``python evaluate.py checkpoint=PATH [data overrides]``.
+
+Prints progress to stderr and, as its last stdout line, one JSON object with top1, top5,
+loss, images, params and flops (MACs per image at the evaluation resolution).
+"""
+import json
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+import scsa
+import scsa.config  # noqa: F401  (registers the resolvers conf/ uses)
+from data import build_loaders
+from scsa.cli import hydra_entry_point, run_task
+from scsa.complexity import count_macs, count_params
+from scsa.engine import distributed
+from scsa.engine.checkpoint import load_checkpoint
+from scsa.engine.evaluator import evaluate
+from scsa.engine.precision import Precision
+from scsa.errors import UserError
+
+
+def data_config(cfg: DictConfig, stored: dict) -> DictConfig:
+    """The checkpoint's data settings, with this command line's data overrides on top."""
+    overrides = [o.split("=", 1)[0].lstrip("+~") for o in HydraConfig.get().overrides.task]
+    data = cfg.data if "data" in overrides else OmegaConf.create(stored)
+    for key in (o[len("data."):] for o in overrides if o.startswith("data.")):
+        OmegaConf.update(data, key, OmegaConf.select(cfg.data, key), force_add=True)
+    return data
+
+
+def run(cfg: DictConfig) -> dict:
+    checkpoint = load_checkpoint(cfg.checkpoint)
+    if "config" not in checkpoint or "model" not in checkpoint:
+        raise UserError(f"'{cfg.checkpoint}' is not a train.py checkpoint (no model/config): "
+                        f"pass checkpoints/last.pt or best.pt from a run dir")
+    stored = checkpoint["config"]
+    dist_info, device = distributed.init_distributed(cfg.device)
+    try:
+        data = data_config(cfg, stored["data"])
+        loaders = build_loaders(data, rank=dist_info.rank, world_size=dist_info.world_size, device=device,
+                                seed=0, channels_last=False)
+        if loaders.classes != checkpoint["classes"]:
+            raise UserError(f"the data's {len(loaders.classes)} classes differ from the checkpoint's "
+                            f"{len(checkpoint['classes'])}: evaluate on the dataset the model was trained on")
+        model = scsa.create_model(stored["model"]["name"], stored["attention"]["name"],
+                                  num_classes=len(checkpoint["classes"]), position=stored["attention"]["position"],
+                                  drop_rate=stored["model"]["drop_rate"], **stored["attention"]["kwargs"])
+        model.load_state_dict(checkpoint["model"])
+        model.to(device)
+        metrics = evaluate(model, loaders.val, Precision(cfg.amp, device), device)
+        result = {**metrics, "params": count_params(model), "flops": count_macs(model, data.image_size),
+                  "model": stored["model"]["name"], "attention": stored["attention"]["name"],
+                  "image_size": data.image_size, "checkpoint": cfg.checkpoint}
+        if dist_info.is_main:
+            print(json.dumps(result))
+        return result
+    finally:
+        distributed.cleanup()
+
+
+@hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_task(lambda: run(cfg))
+
+
+if __name__ == "__main__":
+    hydra_entry_point(main, config_name="evaluate")

@@ -1,0 +1,52 @@
+"""Command-line glue: bad configuration and bad input end in one line and exit code 2.
+
+Hydra reports a bad override with a multi-line message and exit code 1, so the overrides
+are composed once up front and any error is reduced to its first line.
+"""
+import sys
+from pathlib import Path
+from typing import Callable, List
+
+from hydra import compose, initialize_config_dir
+from hydra._internal.utils import get_args_parser
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf.errors import OmegaConfBaseException
+
+from scsa.errors import EXIT_USER_ERROR, UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(EXIT_USER_ERROR)
+
+
+def check_overrides(config_name: str, argv: List[str]) -> None:
+    """Compose the config the way Hydra will; exit 2 with one line if it does not compose."""
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.multirun or args.help or args.hydra_help or args.cfg or args.info or args.shell_completion:
+        return  # Hydra handles these itself (a sweep's overrides only compose one point at a time)
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            compose(config_name=args.config_name or config_name, overrides=args.overrides)
+    except Exception as e:  # Hydra's composition errors have no common base class
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        fail(f"{first} (check the override against `python {Path(sys.argv[0]).name} --help`)")
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def run_task(task: Callable[[], object]) -> None:
+    """Run the body of a Hydra task, reducing user errors to one line and exit 2."""
+    try:
+        task()
+    except UserError as e:
+        fail(str(e))
+    except OmegaConfBaseException as e:
+        fail(f"{str(e).strip().splitlines()[0]}: set it on the command line, e.g. data.root=/path/to/data")
+
+
+def hydra_entry_point(main: Callable[[], None], config_name: str) -> None:
+    check_overrides(config_name, sys.argv[1:])
+    main()

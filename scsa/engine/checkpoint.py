@@ -1,0 +1,43 @@
+"""Checkpoints: atomic writes and safe (weights-only) loads."""
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+
+from scsa.errors import UserError
+
+
+def save_atomic(state: Dict[str, Any], path: Path) -> None:
+    """Write to a temp file in the same folder, fsync, then rename over ``path``.
+
+    A crash or a full disk mid-write leaves the previous checkpoint intact.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """Load with ``weights_only=True``: tensors and plain containers only, never code."""
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint '{path}' not found: pass the path of a .pt file written by train.py")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"checkpoint '{path}' holds objects that are not plain weights and was refused "
+                        f"({str(e).splitlines()[0][:120]}): only load checkpoints you trust") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"checkpoint '{path}' is truncated or corrupt ({str(e).splitlines()[0][:120]}): "
+                        f"use another checkpoint, e.g. best.pt, or retrain") from None

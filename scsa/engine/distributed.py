@@ -1,0 +1,89 @@
+"""torch.distributed set-up under torchrun (or SLURM), and the few collectives we need.
+
+Every rank check in the project goes through ``DistInfo.is_main``.
+"""
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _env_from_slurm() -> None:
+    """Export torch's env:// variables from SLURM's when srun/submitit (not torchrun) started the ranks."""
+    if "RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) <= 1:
+        return
+    from submitit.helpers import TorchDistributedEnvironment
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False)
+
+
+def pick_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device(requested)
+
+
+def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> "tuple[DistInfo, torch.device]":
+    """env:// initialisation: NCCL for CUDA devices, Gloo otherwise; a no-op for one process."""
+    _env_from_slurm()
+    info = DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("LOCAL_RANK", 0)),
+                    int(os.environ.get("WORLD_SIZE", 1)))
+    torch_device = pick_device(device, info.local_rank)
+    if info.distributed and not dist.is_initialized():
+        backend = "nccl" if torch_device.type == "cuda" else "gloo"
+        dist.init_process_group(backend, init_method="env://", rank=info.rank, world_size=info.world_size,
+                                timeout=datetime.timedelta(minutes=timeout_minutes),
+                                **({"device_id": torch_device} if backend == "nccl" else {}))
+    return info, torch_device
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor /= dist.get_world_size()
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    if not dist.is_initialized():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
+
+
+def cleanup() -> None:
+    """Barrier, then tear down (Gloo teardown without the barrier crashed runs)."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

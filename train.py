@@ -1,0 +1,129 @@
+"""Train a backbone with a plug-in attention module: ``python train.py [overrides]``.
+
+config (conf/) -> data (data/) -> model (scsa.create_model) -> engine (scsa/engine)
+-> run dir (train.log, metrics.jsonl, checkpoints/).
+"""
+from pathlib import Path
+from typing import Any, Dict
+
+import hydra
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from timm.utils import random_seed
+
+import scsa
+import scsa.config  # noqa: F401  (registers the resolvers conf/ uses)
+from data import build_loaders
+from scsa.cli import hydra_entry_point, run_task
+from scsa.complexity import count_macs, count_params
+from scsa.engine import distributed
+from scsa.engine.precision import Precision
+from scsa.engine.trainer import Trainer
+from scsa.errors import UserError
+from scsa.tracking import Tracker
+
+
+def scaled_lr(optim: DictConfig, global_batch: int) -> float:
+    """``optim.lr`` if set, else the linear scaling rule: lr_base * global_batch / lr_base_size."""
+    return optim.lr if optim.lr is not None else optim.lr_base * global_batch / optim.lr_base_size
+
+
+def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
+    try:
+        return scsa.create_model(cfg.model.name, cfg.attention.name, num_classes=num_classes,
+                                 position=cfg.attention.position, drop_rate=cfg.model.drop_rate,
+                                 **cfg.attention.kwargs)
+    except (ValueError, TypeError) as e:
+        raise UserError(f"cannot build model={cfg.model.name} attention={cfg.attention.name}: {e}") from None
+
+
+def build_optimizer(cfg: DictConfig, model: torch.nn.Module, lr: float) -> torch.optim.Optimizer:
+    options = {k: v for k, v in cfg.optim.items() if k not in ("name", "opt", "lr", "lr_base", "lr_base_size",
+                                                               "filter_bias_and_bn", "weight_decay")}
+    return create_optimizer_v2(model, opt=cfg.optim.opt, lr=lr, weight_decay=cfg.optim.weight_decay,
+                               filter_bias_and_bn=cfg.optim.filter_bias_and_bn, **options)
+
+
+def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
+    options = {k: v for k, v in cfg.schedule.items() if k not in ("name", "sched")}
+    scheduler, _ = create_scheduler_v2(optimizer, sched=cfg.schedule.sched, num_epochs=cfg.trainer.epochs,
+                                       updates_per_epoch=updates_per_epoch, **options)
+    return scheduler
+
+
+def find_resume_checkpoint(resume: str, checkpoint_dir: Path) -> "str | None":
+    if resume == "none":
+        return None
+    if resume == "auto":
+        last = checkpoint_dir / "last.pt"
+        return str(last) if last.is_file() else None
+    return resume
+
+
+def check_writable(run_dir: Path) -> Path:
+    checkpoint_dir = run_dir / "checkpoints"
+    try:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        probe = checkpoint_dir / ".write_test"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"run dir '{run_dir}' is not writable ({e.strerror}): "
+                        f"pass hydra.run.dir=<a writable folder>") from None
+    return checkpoint_dir
+
+
+def train(cfg: DictConfig) -> Dict[str, Any]:
+    dist_info, device = distributed.init_distributed(cfg.trainer.device)
+    try:
+        run_dir = Path(HydraConfig.get().runtime.output_dir)
+        checkpoint_dir = check_writable(run_dir)
+        tracker = Tracker(run_dir, enabled=dist_info.is_main)
+        random_seed(cfg.seed, dist_info.rank)
+        if cfg.trainer.deterministic:
+            torch.use_deterministic_algorithms(True)
+        elif device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+        loaders = build_loaders(cfg.data, rank=dist_info.rank, world_size=dist_info.world_size, device=device,
+                                seed=cfg.seed, channels_last=cfg.trainer.channels_last)
+        model = build_model(cfg, num_classes=len(loaders.classes))
+        params, macs = count_params(model), count_macs(model, cfg.data.image_size)
+        model.to(device, memory_format=torch.channels_last if cfg.trainer.channels_last else torch.preserve_format)
+
+        global_batch = cfg.data.batch_size * dist_info.world_size * cfg.trainer.accum_steps
+        lr = scaled_lr(cfg.optim, global_batch)
+        optimizer = build_optimizer(cfg, model, lr)
+        scheduler = build_scheduler(cfg, optimizer, len(loaders.train) // cfg.trainer.accum_steps)
+        meta = {"config": OmegaConf.to_container(cfg, resolve=True), "classes": loaders.classes,
+                "params": params, "flops": macs}
+        trainer = Trainer(model, optimizer, scheduler, loaders, Precision(cfg.trainer.amp, device), dist_info,
+                          device, tracker, checkpoint_dir, cfg, meta)
+        resume_from = find_resume_checkpoint(str(cfg.resume), checkpoint_dir)
+        if resume_from:
+            trainer.resume(resume_from)
+        trainer.wrap()
+        tracker.info("model=%s attention=%s params=%d MACs=%.3gG device=%s world=%d loader=%s "
+                     "global batch=%d lr=%.4g run dir=%s", cfg.model.name, cfg.attention.name, params, macs / 1e9,
+                     device, dist_info.world_size, loaders.backend, global_batch, lr, run_dir)
+        summary = trainer.fit()
+        if dist_info.is_main:
+            print(f"done: best val top-1 {summary['best_top1']:.2f}% | last val top-1 {summary.get('val_top1', 0):.2f}%"
+                  f" top-5 {summary.get('val_top5', 0):.2f}% | {summary['minutes']:.1f} min | run dir {run_dir}")
+        return summary
+    finally:
+        distributed.cleanup()
+
+
+@hydra.main(config_path="conf", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    run_task(lambda: train(cfg))
+
+
+if __name__ == "__main__":
+    hydra_entry_point(main, config_name="train")
