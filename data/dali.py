@@ -1,0 +1,288 @@
+"""NVIDIA DALI input pipelines for ImageFolder datasets, wrapped as the trainer's loaders.
+
+Why DALI: on ImageNet the input cost is JPEG decoding plus random-resized-crop. DALI fuses the
+two (only the crop window is decoded), runs them on the GPU ("mixed" decoder) or on native CPU
+threads, and needs no Python worker processes.
+
+Sharding: the file reader is split by global rank. Train shards are re-drawn every epoch from one
+global shuffle shared by all ranks (``shuffle_after_epoch``; ``random_shuffle`` only shuffles
+inside a buffer and, unpadded, let shards overlap from the second epoch on), so each epoch covers
+every image exactly once. Shards are padded to equal length (``pad_last_batch``) and the padding
+is stripped here, with the semantics of ``LastBatchPolicy.PARTIAL``:
+
+* val: a batch left with no real rows is not yielded, so ranks together count each image once;
+* train: every rank yields ``len(loader)`` non-empty batches, as DDP needs equal step counts. In
+  the corner case where a rank's last batch would hold only padding it keeps one padded row (a
+  repeat of its shard's last image), like ``DistributedSampler`` padding.
+"""
+import math
+from pathlib import Path
+from typing import Collection, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+from scsa.errors import UserError
+
+try:
+    from nvidia.dali import Pipeline, fn, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+except ImportError:  # dali_available() reports it; building a loader then fails with a clear message
+    Pipeline = None
+
+READER = "Reader"
+# nvJPEG pre-allocation hints from NVIDIA's ImageNet examples: big enough for ImageNet's largest
+# JPEGs, so the decoder never reallocates mid-training.
+DEVICE_MEMORY_PADDING = 211025920
+HOST_MEMORY_PADDING = 140544512
+_DALI_DTYPES = {torch.float32: "FLOAT", torch.float16: "FLOAT16", torch.bfloat16: "FLOAT"}
+
+
+def dali_available() -> bool:
+    """Whether NVIDIA DALI is importable."""
+    return Pipeline is not None
+
+
+class CorruptImageError(UserError):
+    """An image DALI cannot decode; the message names the file and how to skip it."""
+
+
+def list_images(root: str, split: str, skip_files: Collection[str] = ()) -> Tuple[List[str], List[int], List[str]]:
+    """``split``'s image paths relative to ``root``, their labels and the class names.
+
+    Uses torchvision's own folder walk, so labels are ImageFolder's indices. ``skip_files`` are
+    paths relative to ``root`` (as ``python -m data.scan`` writes them).
+    """
+    skip = {str(Path(f)) for f in skip_files}
+    split_dir = Path(root) / split
+    classes, class_to_idx = find_classes(str(split_dir))
+    samples = make_dataset(str(split_dir), class_to_idx, allow_empty=True, is_valid_file=lambda p: (
+        p.lower().endswith(IMG_EXTENSIONS) and str(Path(p).relative_to(root)) not in skip))
+    files = [str(Path(path).relative_to(root)) for path, _ in samples]
+    return files, [label for _, label in samples], classes
+
+
+def shard_size(num_samples: int, rank: int, world_size: int) -> int:
+    """Real samples in a reader shard (DALI splits at ``floor(i * N / world_size)``)."""
+    return (num_samples * (rank + 1)) // world_size - (num_samples * rank) // world_size
+
+
+def _read(root: str, files: Sequence[str], labels: Sequence[int], *, train: bool, rank: int,
+          world_size: int, seed: int):
+    shuffle = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=seed) if train else dict(stick_to_shard=True)
+    return fn.readers.file(file_root=root, files=list(files), labels=list(labels), name=READER, shard_id=rank,
+                           num_shards=world_size, pad_last_batch=True, **shuffle)
+
+
+def _augment(jpegs, *, train: bool, gpu: bool, image_size: int, val_resize: int, scale: Sequence[float],
+             ratio: Sequence[float], hflip: float, mean: Sequence[float], std: Sequence[float],
+             output_dtype: torch.dtype, channels_last: bool):
+    """Decode + crop + flip + normalise; one graph for CPU and GPU (only the decoder device differs)."""
+    decoder = dict(device="mixed", device_memory_padding=DEVICE_MEMORY_PADDING,
+                   host_memory_padding=HOST_MEMORY_PADDING) if gpu else dict(device="cpu")
+    resize = dict(interp_type=types.INTERP_LINEAR, antialias=True)  # torchvision's antialiased bilinear
+    # rounding="truncate" puts the centre crop where CenterCrop does (DALI's default rounds up a half pixel).
+    normalize = dict(dtype=getattr(types, _DALI_DTYPES[output_dtype]), output_layout="HWC" if channels_last else "CHW",
+                     crop=(image_size, image_size), rounding="truncate", mean=list(mean), std=list(std))
+    if train:
+        images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=list(scale),
+                                               random_aspect_ratio=list(ratio), **decoder)
+        images = fn.resize(images, resize_x=image_size, resize_y=image_size, **resize)
+        return fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(probability=hflip), **normalize)
+    images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
+    # subpixel_scale=False scales each axis to its rounded size, as PIL does (341 px, not 341.33, for 500x375).
+    images = fn.resize(images, resize_shorter=val_resize, subpixel_scale=False, **resize)
+    return fn.crop_mirror_normalize(images, **normalize)
+
+
+class DaliLoader:
+    """One split's DALI pipeline as an iterable of ``(images, labels)`` device batches.
+
+    ``len()`` is the batches per epoch on this rank; ``state_dict()`` holds DALI's checkpoint
+    (reader position and every RNG), so a restored loader continues with the exact next batch.
+    Like DALI's own iterator, an epoch cannot be rewound: re-entering the loop mid-epoch continues it.
+    """
+
+    def __init__(self, root: str, files: Sequence[str], labels: Sequence[int], classes: List[str], *, train: bool,
+                 batch_size: int, workers: int, rank: int, world_size: int, device: torch.device, seed: int,
+                 output_dtype: torch.dtype, channels_last: bool, augment: Dict):
+        if len(files) < world_size:
+            raise UserError(f"{root}: {len(files)} images cannot be split over {world_size} ranks")
+        self.root, self.files, self.labels, self.classes = root, list(files), list(labels), classes
+        self.train, self.batch_size, self.rank, self.world_size = train, batch_size, rank, world_size
+        self.workers, self.seed, self.augment = max(1, workers), seed, augment
+        self.output_dtype, self.channels_last = output_dtype, channels_last
+        self.gpu = device.type == "cuda"
+        self.device_id = (device.index if device.index is not None else torch.cuda.current_device()) if self.gpu else None
+        self.shard_size = shard_size(len(self.files), rank, world_size)
+        self._batch = 0  # batches consumed in the current epoch
+        self._iter = self._iterator()
+
+    def _pipeline(self, checkpoint: Optional[bytes] = None, reader_only: bool = False) -> "Pipeline":
+        # Augmentation streams differ per rank; the shuffle seed is shared so shards stay disjoint.
+        pipe = Pipeline(batch_size=self.batch_size, num_threads=self.workers, seed=self.seed + self.rank,
+                        device_id=None if reader_only else self.device_id, enable_checkpointing=True,
+                        checkpoint=checkpoint)
+        with pipe:
+            jpegs, labels = _read(self.root, self.files, self.labels, train=self.train, rank=self.rank,
+                                  world_size=self.world_size, seed=self.seed)
+            if reader_only:
+                pipe.set_outputs(jpegs)
+            else:
+                images = _augment(jpegs, train=self.train, gpu=self.gpu, output_dtype=self.output_dtype,
+                                  channels_last=self.channels_last, **self.augment)
+                pipe.set_outputs(images, labels.gpu() if self.gpu else labels)
+        return pipe
+
+    def _iterator(self, checkpoint: Optional[bytes] = None) -> "DALIGenericIterator":
+        # FILL keeps the padded rows; __iter__ strips them itself (see the module docstring). No batch
+        # is prepared up front, so decode errors surface inside __iter__, where they are explained.
+        return DALIGenericIterator(self._pipeline(checkpoint), ["images", "labels"], reader_name=READER,
+                                   last_batch_policy=LastBatchPolicy.FILL, auto_reset=True,
+                                   prepare_first_batch=False)
+
+    def _rows(self, batch: int) -> int:
+        rows = min(self.batch_size, self.shard_size - batch * self.batch_size)
+        return max(rows, 1) if self.train else max(rows, 0)
+
+    def __len__(self) -> int:
+        if self.train:
+            return len(self._iter)
+        return math.ceil(self.shard_size / self.batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """No-op: the reader reshuffles by itself after every epoch."""
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        while True:
+            try:
+                out = next(self._iter)[0]
+            except StopIteration:
+                self._batch = 0
+                return
+            except RuntimeError as e:
+                raise self._explain(e) from None
+            rows = self._rows(self._batch)
+            self._batch += 1
+            if rows == 0:
+                continue
+            images = out["images"][:rows]
+            if self.channels_last:  # NHWC memory seen as NCHW: channels_last without a copy
+                images = images.permute(0, 3, 1, 2)
+            if images.dtype != self.output_dtype:  # DALI has no bf16 output: cast once on the device
+                images = images.to(self.output_dtype)
+            yield images, out["labels"][:rows].view(-1).long()
+
+    def state_dict(self) -> Dict:
+        """DALI's checkpoint of this rank plus the position in the epoch (weights_only-safe)."""
+        return {"checkpoint": self._iter.checkpoints()[0], "batch": self._batch,
+                "num_samples": len(self.files), "world_size": self.world_size, "batch_size": self.batch_size}
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Rebuild the pipeline from ``state``; the next batch is the one after the save."""
+        saved = (state["num_samples"], state["world_size"], state["batch_size"])
+        if saved != (len(self.files), self.world_size, self.batch_size):
+            raise UserError(f"loader state was saved for (images, world size, batch size) = {saved}, this run has "
+                            f"{(len(self.files), self.world_size, self.batch_size)}: resume with the same settings")
+        del self._iter  # frees the old pipeline (and its GPU buffers) before building the new one
+        self._iter = self._iterator(state["checkpoint"])
+        self._batch = state["batch"]
+
+    # ---- naming the file behind a decode failure ------------------------------------------
+    def _explain(self, error: RuntimeError) -> Exception:
+        """A CorruptImageError naming the file behind ``error``, or ``error`` if none is found.
+
+        DALI's message names the file on some decoder paths; otherwise the reader is replayed
+        from the last consumed batch and the few files it was about to decode are checked.
+        """
+        message = str(error)
+        path = next((f for f in self.files if f in message), None) or self._find_unreadable()
+        if path is None:
+            return error
+        details = [line.strip() for line in message.splitlines() if line.strip() and "no longer valid" not in line]
+        return CorruptImageError(f"cannot decode {Path(self.root) / path} ({details[-1] if details else 'unknown'}): "
+                                 f"add '{path}' to {Path(self.root) / 'bad_files.txt'} (python -m data.scan "
+                                 f"{self.root} lists every bad file) and restart")
+
+    def _find_unreadable(self) -> Optional[str]:
+        from data.scan import UNREADABLE, check_image
+
+        try:
+            position = self._iter.checkpoints()[0]
+        except RuntimeError:
+            return None
+        probe = self._pipeline(reader_only=True)
+        probe.build()
+        probe = self._pipeline(checkpoint=_transplant(probe.checkpoint(), position, READER), reader_only=True)
+        probe.build()
+        for _ in range(3):  # the failing batch is the next one or up to two prefetched ones after it
+            for sample in probe.run()[0]:
+                path = sample.source_info()  # the name as passed in `files`: relative to root
+                if check_image(str(Path(self.root) / path))[0] == UNREADABLE:
+                    return path
+        return None
+
+
+def _protobuf_fields(buf: bytes) -> Iterator[Tuple[int, bytes, bytes]]:
+    """(field number, payload, raw bytes) of a protobuf message made of length-delimited fields."""
+    def varint(i: int) -> Tuple[int, int]:
+        value = shift = 0
+        while True:
+            value |= (buf[i] & 0x7F) << shift
+            shift += 7
+            i += 1
+            if buf[i - 1] < 0x80:
+                return value, i
+    i = 0
+    while i < len(buf):
+        tag, j = varint(i)
+        size, j = varint(j)
+        yield tag >> 3, buf[j:j + size], buf[i:j + size]
+        i = j + size
+
+
+def _transplant(target: bytes, source: bytes, op_name: str) -> bytes:
+    """``target`` checkpoint with operator ``op_name``'s state taken from ``source``.
+
+    A DALI checkpoint is a protobuf: field 1 repeats (field 1: operator name, field 2: state)
+    for every operator; restoring requires the exact operator set, hence the splice.
+    """
+    def op_state(checkpoint: bytes) -> Dict[str, bytes]:
+        states = {}
+        for number, payload, raw in _protobuf_fields(checkpoint):
+            if number == 1:
+                states[next(p for n, p, _ in _protobuf_fields(payload) if n == 1).decode()] = raw
+        return states
+    donor = op_state(source)[op_name]
+    out = bytearray()
+    for number, payload, raw in _protobuf_fields(target):
+        is_op = number == 1 and next(p for n, p, _ in _protobuf_fields(payload) if n == 1).decode() == op_name
+        out += donor if is_op else raw
+    return bytes(out)
+
+
+def build_dali_loaders(root: str, *, batch_size: int, image_size: int, val_resize: int, mean: Sequence[float],
+                       std: Sequence[float], scale: Tuple[float, float], ratio: Tuple[float, float], hflip: float,
+                       workers: int, rank: int, world_size: int, device: torch.device, seed: int,
+                       output_dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                       skip_files: Collection[str] = ()) -> Tuple[DaliLoader, DaliLoader]:
+    """This rank's (train, val) loaders over ``root/train`` and ``root/val``.
+
+    Batches are normalised ``output_dtype`` NCHW images (``mean``/``std`` on the 0-255 scale,
+    RGB) and int64 labels, on ``device``: a CUDA device decodes on the GPU, a CPU device runs a
+    CPU-only pipeline (``device_id=None``). ``skip_files`` are paths relative to ``root``.
+    """
+    if not dali_available():
+        raise UserError("NVIDIA DALI is not installed: pip install -r requirements.txt, or use data.loader=torch")
+    if output_dtype not in _DALI_DTYPES:
+        raise ValueError(f"output_dtype must be one of {list(_DALI_DTYPES)}, got {output_dtype}")
+    augment = dict(image_size=image_size, val_resize=val_resize, scale=scale, ratio=ratio, hflip=hflip,
+                   mean=mean, std=std)
+    common = dict(batch_size=batch_size, workers=workers, rank=rank, world_size=world_size, device=device,
+                  seed=seed, output_dtype=output_dtype, channels_last=channels_last, augment=augment)
+    train_files, train_labels, classes = list_images(root, "train", skip_files)
+    val_files, val_labels, val_classes = list_images(root, "val", skip_files)
+    if val_classes != classes:
+        raise UserError(f"{root}: train/ and val/ have different class folders")
+    return (DaliLoader(root, train_files, train_labels, classes, train=True, **common),
+            DaliLoader(root, val_files, val_labels, classes, train=False, **common))
