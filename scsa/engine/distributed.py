@@ -3,6 +3,7 @@
 Every rank check in the project goes through ``DistInfo.is_main``.
 """
 import datetime
+import hashlib
 import os
 from dataclasses import dataclass
 
@@ -67,19 +68,17 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= dist.get_world_size()
-    return tensor
-
-
-def broadcast_object(obj, src: int = 0):
+@torch.no_grad()
+def replicas_identical(module: torch.nn.Module) -> bool:
+    """Whether every rank holds bitwise the same parameters and buffers (a DDP invariant)."""
+    digest = hashlib.sha256()
+    for tensor in module.state_dict().values():
+        digest.update(tensor.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     if not dist.is_initialized():
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
-    return holder[0]
+        return True
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest.hexdigest())
+    return len(set(digests)) == 1
 
 
 def cleanup() -> None:

@@ -17,7 +17,7 @@ from timm.utils import distribute_bn
 
 from data import Loaders
 from scsa.engine.checkpoint import load_checkpoint, save_atomic
-from scsa.engine.distributed import DistInfo, all_reduce_sum
+from scsa.engine.distributed import DistInfo, all_reduce_sum, replicas_identical
 from scsa.engine.evaluator import evaluate
 from scsa.engine.precision import Precision
 from scsa.tracking import Throughput, Tracker
@@ -36,6 +36,7 @@ class Trainer:
                  checkpoint_dir: Path, cfg: Any, meta: Dict[str, Any]):
         self.model = model                  # the bare module: what checkpoints hold
         self.train_model = model            # compiled and/or DDP-wrapped: what steps run
+        self.eval_model = model             # compiled, never DDP-wrapped: ranks validate unequal shards
         self.optimizer, self.scheduler = optimizer, scheduler
         self.loaders, self.precision, self.dist, self.device = loaders, precision, dist, device
         self.tracker, self.checkpoint_dir = tracker, checkpoint_dir
@@ -51,6 +52,7 @@ class Trainer:
             model = self.model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if self.cfg.compile:
             model = torch.compile(model)
+        self.eval_model = model
         if self.dist.distributed:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
@@ -86,7 +88,7 @@ class Trainer:
             self.scheduler.step(epoch + 1)  # epoch-based schedules; per-step ones moved in step_update
             if self.dist.distributed and not self.cfg.sync_bn:
                 distribute_bn(self.model, self.dist.world_size, reduce=True)  # ranks agree on BN stats
-            val = evaluate(self.train_model, self.loaders.val, self.precision, self.device)
+            val = evaluate(self.eval_model, self.loaders.val, self.precision, self.device)
             self.state.epoch = epoch + 1
             last = {"epoch": epoch, **train, "val_loss": val["loss"], "val_top1": val["top1"],
                     "val_top5": val["top5"], "val_images": val["images"], "step": self.state.step}
@@ -98,6 +100,9 @@ class Trainer:
                 self.save("best.pt", last)
             if self._out_of_steps():
                 break
+        if self.dist.distributed:
+            identical = replicas_identical(self.model)
+            self.tracker.info("weights identical on all %d ranks: %s", self.dist.world_size, identical)
         return {**last, "best_top1": self.state.best_top1, "minutes": (time.perf_counter() - start) / 60}
 
     def _out_of_steps(self) -> bool:
