@@ -31,6 +31,7 @@ except ImportError:  # dali_available() reports it; building a loader then fails
     Pipeline = None
 
 READER = "Reader"
+PREFETCH = 2  # batches DALI runs ahead of the consumer
 # nvJPEG pre-allocation hints from NVIDIA's ImageNet examples: big enough for ImageNet's largest
 # JPEGs, so the decoder never reallocates mid-training.
 DEVICE_MEMORY_PADDING = 211025920
@@ -121,8 +122,8 @@ class DaliLoader:
     def _pipeline(self, checkpoint: Optional[bytes] = None, reader_only: bool = False) -> "Pipeline":
         # Augmentation streams differ per rank; the shuffle seed is shared so shards stay disjoint.
         pipe = Pipeline(batch_size=self.batch_size, num_threads=self.workers, seed=self.seed + self.rank,
-                        device_id=None if reader_only else self.device_id, enable_checkpointing=True,
-                        checkpoint=checkpoint)
+                        device_id=None if reader_only else self.device_id, prefetch_queue_depth=PREFETCH,
+                        enable_checkpointing=True, checkpoint=checkpoint)
         with pipe:
             jpegs, labels = _read(self.root, self.files, self.labels, train=self.train, rank=self.rank,
                                   world_size=self.world_size, seed=self.seed)
@@ -200,27 +201,26 @@ class DaliLoader:
         if path is None:
             return error
         details = [line.strip() for line in message.splitlines() if line.strip() and "no longer valid" not in line]
-        return CorruptImageError(f"cannot decode {Path(self.root) / path} ({details[-1] if details else 'unknown'}): "
+        return CorruptImageError(f"cannot read {Path(self.root) / path} ({details[-1] if details else 'unknown'}): "
                                  f"add '{path}' to {Path(self.root) / 'bad_files.txt'} (python -m data.scan "
                                  f"{self.root} lists every bad file) and restart")
 
     def _find_unreadable(self) -> Optional[str]:
+        """Replay the reader (CPU only) from the last consumed batch; the first file PIL can't decode."""
         from data.scan import UNREADABLE, check_image
 
         try:
             position = self._iter.checkpoints()[0]
-        except RuntimeError:
+            probe = self._pipeline(reader_only=True)
+            probe.build()
+            probe = self._pipeline(checkpoint=_transplant(probe.checkpoint(), position, READER), reader_only=True)
+            probe.build()
+            # The failing batch is the next one or one of those prefetched after it.
+            names = [sample.source_info() for _ in range(PREFETCH + 1) for sample in probe.run()[0]]
+        except Exception:  # a best-effort diagnosis: if it fails, the original DALI error is raised
             return None
-        probe = self._pipeline(reader_only=True)
-        probe.build()
-        probe = self._pipeline(checkpoint=_transplant(probe.checkpoint(), position, READER), reader_only=True)
-        probe.build()
-        for _ in range(3):  # the failing batch is the next one or up to two prefetched ones after it
-            for sample in probe.run()[0]:
-                path = sample.source_info()  # the name as passed in `files`: relative to root
-                if check_image(str(Path(self.root) / path))[0] == UNREADABLE:
-                    return path
-        return None
+        # source_info() is the name as passed in `files`, relative to root.
+        return next((name for name in names if check_image(str(Path(self.root) / name))[0] == UNREADABLE), None)
 
 
 def _protobuf_fields(buf: bytes) -> Iterator[Tuple[int, bytes, bytes]]:
