@@ -3,6 +3,7 @@
 Hydra reports a bad override with a multi-line message and exit code 1, so the overrides
 are composed once up front and any error is reduced to its first line.
 """
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List
@@ -29,12 +30,22 @@ def check_overrides(config_name: str, argv: List[str]) -> None:
         return  # Hydra handles these itself (a sweep's overrides only compose one point at a time)
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            compose(config_name=args.config_name or config_name, overrides=args.overrides)
+            cfg = compose(config_name=args.config_name or config_name, overrides=args.overrides,
+                          return_hydra_config=True)
     except Exception as e:  # Hydra's composition errors have no common base class
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         fail(f"{first} (check the override against `python {Path(sys.argv[0]).name} --help`)")
     finally:
         GlobalHydra.instance().clear()
+    check_run_dir(Path(cfg.hydra.run.dir))
+
+
+def check_run_dir(run_dir: Path) -> None:
+    """Hydra creates the run dir before the task starts: make sure it can."""
+    existing = next(p for p in (run_dir.absolute(), *run_dir.absolute().parents) if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        fail(f"run dir '{run_dir}' cannot be created ('{existing}' is not a writable folder): "
+             f"pass hydra.run.dir=<a writable folder>")
 
 
 def run_task(task: Callable[[], object]) -> None:
