@@ -11,8 +11,10 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "none": None}
 
 class Precision:
     def __init__(self, amp: str, device: torch.device):
+        if amp == "auto":  # bf16 where it is fast (GPUs); CPUs without bf16 units emulate it slowly
+            amp = "bf16" if device.type == "cuda" else "none"
         if amp not in AMP_DTYPES:
-            raise UserError(f"unknown trainer.amp '{amp}': use bf16, fp16 or none")
+            raise UserError(f"unknown trainer.amp '{amp}': use auto, bf16, fp16 or none")
         self.device_type = device.type
         self.dtype: Optional[torch.dtype] = AMP_DTYPES[amp]
         # bf16 keeps fp32's exponent range, so only fp16 needs loss scaling.

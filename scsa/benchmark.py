@@ -1,0 +1,143 @@
+"""Training throughput on synthetic data: img/s and peak memory per configuration.
+
+    python -m scsa.benchmark --models resnet50 --attentions none,se,scsa --amp bf16 \
+        --batch-size 256 --channels-last true --compile false,true --out throughput.json
+
+Configurations are timed in interleaved rounds (a noisy machine slows all of them alike)
+and reported as medians, with each one's speed relative to attention=none.
+"""
+import argparse
+import itertools
+import json
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+import scsa
+from scsa.engine.distributed import pick_device
+from scsa.engine.precision import Precision
+
+
+def bools(text: str) -> List[bool]:
+    return [{"true": True, "false": False}[v.strip().lower()] for v in text.split(",")]
+
+
+def make_step(model_name: str, attention: str, amp: str, channels_last: bool, compile_model: bool,
+              batch_size: int, image_size: int, device: torch.device) -> Callable[[], None]:
+    """One SGD training step of the configuration on a fixed synthetic batch."""
+    model = scsa.create_model(model_name, attention).to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
+    precision = Precision(amp, device)
+    forward = torch.compile(model) if compile_model else model
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
+    labels = torch.randint(0, 1000, (batch_size,), device=device)
+
+    def step() -> None:
+        with precision.autocast():
+            logits = forward(images)
+        loss = F.cross_entropy(logits.float(), labels)
+        precision.scaler.scale(loss).backward()
+        precision.scaler.step(optimizer)
+        precision.scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+
+    return step
+
+
+def timed(step: Callable[[], None], steps: int, device: torch.device) -> float:
+    """Seconds per step over ``steps`` steps."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - start) / steps
+
+
+def run(args: argparse.Namespace) -> List[Dict]:
+    device = pick_device(args.device, 0)
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    configs = [dict(model=m, attention=a, amp=p, channels_last=c, compile=k) for m, p, c, k, a in itertools.product(
+        args.models.split(","), args.amp.split(","), bools(args.channels_last), bools(args.compile),
+        args.attentions.split(","))]
+    steps, peaks = [], []
+    for config in configs:  # build and warm up (compilation, cudnn autotuning) one at a time
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step = make_step(config["model"], config["attention"], config["amp"], config["channels_last"],
+                         config["compile"], args.batch_size, args.image_size, device)
+        timed(step, args.warmup, device)
+        steps.append(step)
+        peaks.append(torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+    seconds = [[] for _ in configs]
+    for _ in range(args.rounds):
+        for i, step in enumerate(steps):
+            seconds[i].append(timed(step, args.steps, device))
+    results = []
+    for config, times, peak in zip(configs, seconds, peaks):
+        median = statistics.median(times)
+        results.append({**config, "batch_size": args.batch_size, "image_size": args.image_size,
+                        "img_per_s": args.batch_size / median, "ms_per_step": 1000 * median,
+                        "peak_mem_gib": peak, "device": device_name(device)})
+    for result in results:
+        same_setup = [r for r in results if r["attention"] == "none" and all(
+            r[k] == result[k] for k in ("model", "amp", "channels_last", "compile"))]
+        base = same_setup[0] if same_setup else None
+        result["vs_none"] = result["img_per_s"] / base["img_per_s"] if base else None
+    return results
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def markdown(results: List[Dict]) -> str:
+    lines = ["| model | attention | amp | channels_last | compile | batch | img/s | vs none | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
+        ratio = f"{r['vs_none']:.3f}" if r["vs_none"] is not None else "-"
+        lines.append(f"| {r['model']} | {r['attention']} | {r['amp']} | {r['channels_last']} | {r['compile']} | "
+                     f"{r['batch_size']} | {r['img_per_s']:.0f} | {ratio} | {peak} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet50")
+    parser.add_argument("--attentions", default="none,se,scsa")
+    parser.add_argument("--amp", default="bf16", help="comma list of bf16, fp16, none")
+    parser.add_argument("--channels-last", default="true", help="comma list of true/false")
+    parser.add_argument("--compile", default="false", help="comma list of true/false")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
+    parser.add_argument("--out", default="throughput.json")
+    args = parser.parse_args()
+    results = run(args)
+    print(f"device: {results[0]['device']}, torch {torch.__version__}")
+    print(markdown(results))
+    with open(args.out, "w") as f:
+        json.dump({"torch": torch.__version__, "results": results}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
