@@ -36,6 +36,7 @@ PREFETCH = 2  # batches DALI runs ahead of the consumer
 # JPEGs, so the decoder never reallocates mid-training.
 DEVICE_MEMORY_PADDING = 211025920
 HOST_MEMORY_PADDING = 140544512
+# DALI type names (DALI may be missing at import). DALI has no bfloat16 output: float32, cast once on the device.
 _DALI_DTYPES = {torch.float32: "FLOAT", torch.float16: "FLOAT16", torch.bfloat16: "FLOAT"}
 
 
@@ -270,7 +271,8 @@ def build_dali_loaders(root: str, *, batch_size: int, image_size: int, val_resiz
 
     Batches are normalised ``output_dtype`` NCHW images (``mean``/``std`` on the 0-255 scale,
     RGB) and int64 labels, on ``device``: a CUDA device decodes on the GPU, a CPU device runs a
-    CPU-only pipeline (``device_id=None``). ``skip_files`` are paths relative to ``root``.
+    CPU-only pipeline (``device_id=None``). float16 comes out of DALI; bfloat16 is float32 cast
+    once on the device. ``skip_files`` are paths relative to ``root``.
     """
     if not dali_available():
         raise UserError("NVIDIA DALI is not installed: pip install -r requirements.txt, or use data.loader=torch")
