@@ -20,6 +20,7 @@ from data import build_loaders
 from scsa.cli import hydra_entry_point, run_task
 from scsa.complexity import count_macs, count_params
 from scsa.engine import distributed
+from scsa.engine.checkpoint import load_checkpoint, load_latest, previous_path
 from scsa.engine.precision import Precision
 from scsa.engine.trainer import Trainer
 from scsa.errors import UserError
@@ -54,13 +55,14 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, updates_p
     return scheduler
 
 
-def find_resume_checkpoint(resume: str, checkpoint_dir: Path) -> "str | None":
+def find_resume_checkpoint(resume: str, checkpoint_dir: Path, warn) -> "tuple[Path, dict] | None":
+    """``auto``: this run dir's newest loadable checkpoint; ``none``; or an explicit path."""
     if resume == "none":
         return None
     if resume == "auto":
         last = checkpoint_dir / "last.pt"
-        return str(last) if last.is_file() else None
-    return resume
+        return load_latest([last, previous_path(last)], warn)
+    return Path(resume), load_checkpoint(resume)
 
 
 def check_writable(run_dir: Path) -> Path:
@@ -104,9 +106,9 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
                 "params": params, "flops": macs}
         trainer = Trainer(model, optimizer, scheduler, loaders, Precision(cfg.trainer.amp, device), dist_info,
                           device, tracker, checkpoint_dir, cfg, meta)
-        resume_from = find_resume_checkpoint(str(cfg.resume), checkpoint_dir)
+        resume_from = find_resume_checkpoint(str(cfg.resume), checkpoint_dir, tracker.warning)
         if resume_from:
-            trainer.resume(resume_from)
+            trainer.resume(*resume_from)
         trainer.wrap()
         tracker.info("model=%s attention=%s params=%d MACs=%.3gG device=%s world=%d loader=%s "
                      "global batch=%d lr=%.4g run dir=%s", cfg.model.name, cfg.attention.name, params, macs / 1e9,

@@ -1,8 +1,9 @@
 """``build_loaders(cfg)``: train and val iterables with one batch interface.
 
 Whichever backend runs (DALI or torchvision), a loader yields ``(images, labels)`` already on
-the device: normalised float NCHW images and int64 labels, ``len()`` batches per epoch on
-this rank, and ``set_epoch(epoch)``. Validation shards cover every image exactly once.
+the device: normalised float NCHW images and int64 labels, ``len()`` batches left in the
+epoch on this rank, ``set_epoch(epoch, start_batch)`` and ``state_dict()``/``load_state_dict()``
+for whatever position the backend keeps itself. Validation shards cover every image exactly once.
 """
 from dataclasses import dataclass
 from typing import Iterator, List, Tuple
@@ -29,13 +30,21 @@ class DeviceLoader:
 
     def __init__(self, loader: torch.utils.data.DataLoader, mean, std, device: torch.device, channels_last: bool):
         self.sampler = loader.sampler
+        self.batch_size = loader.batch_size
         self.channels_last = channels_last
         self.prefetcher = PrefetchLoader(loader, mean=[m / 255 for m in mean], std=[s / 255 for s in std],
                                          device=device)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Start ``epoch`` at batch ``start_batch`` (a resumed epoch skips what it has seen)."""
         if hasattr(self.sampler, "set_epoch"):
-            self.sampler.set_epoch(epoch)
+            self.sampler.set_epoch(epoch, start_batch * self.batch_size)
+
+    def state_dict(self) -> dict:
+        return {}  # the position is (epoch, start_batch), which the trainer keeps
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
     def __len__(self) -> int:
         return len(self.prefetcher)

@@ -148,12 +148,14 @@ class DaliLoader:
         return max(rows, 1) if self.train else max(rows, 0)
 
     def __len__(self) -> int:
+        """Batches left in the epoch (all of them, unless a mid-epoch state was loaded)."""
         if self.train:
-            return len(self._iter)
+            return len(self._iter) - self._batch
         return math.ceil(self.shard_size / self.batch_size)
 
-    def set_epoch(self, epoch: int) -> None:
-        """No-op: the reader reshuffles by itself after every epoch."""
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """No-op: the reader reshuffles by itself after every epoch, and a resumed position
+        comes from ``load_state_dict``."""
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         while True:

@@ -5,7 +5,7 @@ so only uint8 crosses the host-device link.
 """
 import logging
 from pathlib import Path
-from typing import Collection, Iterator, List, Sequence, Tuple
+from typing import Collection, Iterator, List, Sequence, Tuple, Union
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
@@ -28,13 +28,45 @@ class SafeImageFolder(datasets.ImageFolder):
         super().__init__(root, transform=transform, is_valid_file=lambda p: (
             p.lower().endswith(datasets.folder.IMG_EXTENSIONS) and p not in skip))
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item: Union[int, Tuple[int, int]]):
+        """``item`` is an index, or (index, seed): then the augmentation draws from that seed alone."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
+        if seed is None:
+            return self._load(index)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self._load(index)
+
+    def _load(self, index: int):
         try:
             return super().__getitem__(index)
         except (OSError, ValueError) as e:
             log.warning("skipping unreadable image %s (%s): run `python -m data.scan` to list bad files",
                         self.samples[index][0], e)
-            return self[(index + 1) % len(self)]
+            return self._load((index + 1) % len(self))
+
+
+class EpochSampler(DistributedSampler):
+    """DistributedSampler that can start mid-epoch and gives every sample its own seed.
+
+    Augmentations then depend on (seed, epoch, index) only, not on worker count or on where
+    a run was interrupted: a resumed epoch replays the remaining batches exactly.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int, seed: int):
+        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed)
+        self.start = 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        super().set_epoch(epoch)
+        self.start = start
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        base = (self.seed * 1_000_003 + self.epoch) * 1_000_003
+        return iter([(i, (base + i) % 2**63) for i in list(super().__iter__())[self.start:]])
+
+    def __len__(self) -> int:
+        return self.num_samples - self.start
 
 
 class ShardSampler(Sampler[int]):
@@ -75,7 +107,6 @@ def build_torch_loaders(root: str, *, batch_size: int, image_size: int, val_resi
     val_set = SafeImageFolder(f"{root}/val", val_transform(image_size, val_resize), skip_files)
     common = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
                   persistent_workers=workers > 0)
-    train = DataLoader(train_set, sampler=DistributedSampler(train_set, world_size, rank, shuffle=True, seed=seed),
-                       drop_last=True, **common)
+    train = DataLoader(train_set, sampler=EpochSampler(train_set, world_size, rank, seed), drop_last=True, **common)
     val = DataLoader(val_set, sampler=ShardSampler(len(val_set), rank, world_size), **common)
     return train, val, train_set.classes

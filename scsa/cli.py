@@ -13,7 +13,8 @@ from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf.errors import OmegaConfBaseException
 
-from scsa.errors import EXIT_USER_ERROR, UserError
+from scsa.engine.preemption import Preempted
+from scsa.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -54,6 +55,9 @@ def run_task(task: Callable[[], object]) -> None:
         task()
     except UserError as e:
         fail(str(e))
+    except Preempted as e:
+        print(f"preempted: {e}; run the same command again to resume", file=sys.stderr)
+        sys.exit(EXIT_PREEMPTED)
     except OmegaConfBaseException as e:
         fail(f"{str(e).strip().splitlines()[0]}: set it on the command line, e.g. data.root=/path/to/data")
 

@@ -26,6 +26,9 @@ class Tracker:
         if self.enabled:
             log.info(message, *args)
 
+    def warning(self, message: str) -> None:
+        log.warning(message)  # every rank: warnings matter wherever they happen
+
     def log_epoch(self, record: Dict[str, Any]) -> None:
         """Append one epoch's metrics as a JSON line and to train.log."""
         if not self.enabled:

@@ -4,17 +4,22 @@ import pickle
 import tempfile
 import zipfile
 from pathlib import Path
-from typing import Any, Dict
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from scsa.errors import UserError
 
 
-def save_atomic(state: Dict[str, Any], path: Path) -> None:
+def previous_path(path: Path) -> Path:
+    return path.with_name(path.stem + ".prev" + path.suffix)
+
+
+def save_atomic(state: Dict[str, Any], path: Path, keep_previous: bool = False) -> None:
     """Write to a temp file in the same folder, fsync, then rename over ``path``.
 
-    A crash or a full disk mid-write leaves the previous checkpoint intact.
+    A crash or a full disk mid-write leaves the previous checkpoint intact; with
+    ``keep_previous`` the one it replaces stays as ``<name>.prev.pt``.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -23,10 +28,23 @@ def save_atomic(state: Dict[str, Any], path: Path) -> None:
             torch.save(state, f)
             f.flush()
             os.fsync(f.fileno())
+        if keep_previous and path.exists():
+            os.replace(path, previous_path(path))
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def load_latest(candidates: List[Path], warn: Callable[[str], None]) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """The first of ``candidates`` that exists and loads; a corrupt one is reported and skipped."""
+    for path in candidates:
+        if path.is_file():
+            try:
+                return path, load_checkpoint(str(path))
+            except UserError as e:
+                warn(f"skipping {e}")
+    return None
 
 
 def load_checkpoint(path: str) -> Dict[str, Any]:

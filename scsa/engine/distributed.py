@@ -81,6 +81,15 @@ def replicas_identical(module: torch.nn.Module) -> bool:
     return len(set(digests)) == 1
 
 
+def gather_objects(obj) -> list:
+    """``obj`` from every rank, in rank order (a one-element list without a process group)."""
+    if not dist.is_initialized():
+        return [obj]
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
 def cleanup() -> None:
     """Barrier, then tear down (Gloo teardown without the barrier crashed runs)."""
     if dist.is_initialized():

@@ -1,10 +1,10 @@
 """The training loop: epochs of optimiser steps, validation, checkpoints, metrics.
 
 It sees a model, an optimiser, a scheduler and two loaders that yield device batches; it
-does not know which backbone, attention or input backend it is running.
+does not know which backbone, attention or input backend it is running. Its state can be
+saved at any step boundary and resumed from there (mid-epoch included).
 """
 import contextlib
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -16,18 +16,25 @@ import torch.nn.functional as F
 from timm.utils import distribute_bn
 
 from data import Loaders
-from scsa.engine.checkpoint import load_checkpoint, save_atomic
-from scsa.engine.distributed import DistInfo, all_reduce_sum, replicas_identical
+from scsa.engine.checkpoint import save_atomic
+from scsa.engine.distributed import DistInfo, all_reduce_sum, gather_objects, replicas_identical
 from scsa.engine.evaluator import evaluate
 from scsa.engine.precision import Precision
+from scsa.engine.preemption import Preempted, PreemptionWatcher
+from scsa.engine.rng import get_rng_state, set_rng_state
+from scsa.errors import UserError
 from scsa.tracking import Throughput, Tracker
 
 
 @dataclass
 class TrainState:
-    epoch: int = 0          # the next epoch to run
-    step: int = 0           # optimiser steps taken so far
+    epoch: int = 0            # the epoch in progress (or the next to run)
+    batch: int = 0            # loader batches of that epoch already consumed
+    step: int = 0             # optimiser steps taken so far
+    loss_sum: float = 0.0     # this rank's summed train loss over the epoch's images so far
+    images: int = 0           # this rank's train images so far in the epoch
     best_top1: float = -1.0
+    skipped_steps: int = 0    # steps skipped for a non-finite loss or gradient
 
 
 class Trainer:
@@ -40,10 +47,12 @@ class Trainer:
         self.optimizer, self.scheduler = optimizer, scheduler
         self.loaders, self.precision, self.dist, self.device = loaders, precision, dist, device
         self.tracker, self.checkpoint_dir = tracker, checkpoint_dir
-        self.cfg = cfg.trainer
+        self.cfg, self.checkpoint_cfg = cfg.trainer, cfg.checkpoint
         self.meta = meta                    # config, classes, params, flops: stored in checkpoints
         self.state = TrainState()
         self.accum_steps = int(self.cfg.accum_steps)
+        self.nonfinite_in_a_row = 0
+        self.last_save = time.monotonic()
 
     def wrap(self) -> None:
         """SyncBN, torch.compile, then DDP (compile goes inside the DDP wrap)."""
@@ -63,81 +72,111 @@ class Trainer:
         return {
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict(),
-            "state": asdict(self.state), "metrics": metrics or {}, **self.meta,
+            "state": asdict(self.state), "rng": get_rng_state(), "metrics": metrics or {}, **self.meta,
         }
 
     def save(self, name: str, metrics: Optional[Dict[str, Any]] = None) -> None:
+        """Write a checkpoint from rank 0; every rank calls this (loader positions are gathered)."""
+        loader_states = gather_objects(self.loaders.train.state_dict())
         if self.dist.is_main:
-            save_atomic(self.state_dict(metrics), self.checkpoint_dir / name)
+            save_atomic({**self.state_dict(metrics), "loader": loader_states}, self.checkpoint_dir / name,
+                        keep_previous=name == "last.pt")
+        self.last_save = time.monotonic()
 
-    def resume(self, path: str) -> None:
-        checkpoint = load_checkpoint(path)
+    def resume(self, path: Path, checkpoint: Dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.precision.scaler.load_state_dict(checkpoint["scaler"])
         self.state = TrainState(**checkpoint["state"])
-        self.tracker.info("resumed from %s at epoch %d, step %d", path, self.state.epoch, self.state.step)
+        set_rng_state(checkpoint["rng"])
+        loader_states = checkpoint.get("loader") or []
+        if len(loader_states) == self.dist.world_size and loader_states[self.dist.rank]:
+            self.loaders.train.load_state_dict(loader_states[self.dist.rank])
+        self.tracker.info("resumed from %s at epoch %d, batch %d, step %d", path, self.state.epoch,
+                          self.state.batch, self.state.step)
 
     # ---- the loop ----------------------------------------------------------------------
     def fit(self) -> Dict[str, Any]:
         start = time.perf_counter()
         last: Dict[str, Any] = {}
-        for epoch in range(self.state.epoch, self.cfg.epochs):
-            train = self.train_one_epoch(epoch)
-            self.scheduler.step(epoch + 1)  # epoch-based schedules; per-step ones moved in step_update
-            if self.dist.distributed and not self.cfg.sync_bn:
-                distribute_bn(self.model, self.dist.world_size, reduce=True)  # ranks agree on BN stats
-            val = evaluate(self.eval_model, self.loaders.val, self.precision, self.device)
-            self.state.epoch = epoch + 1
-            last = {"epoch": epoch, **train, "val_loss": val["loss"], "val_top1": val["top1"],
-                    "val_top5": val["top5"], "val_images": val["images"], "step": self.state.step}
-            self.tracker.log_epoch(last)
-            is_best = val["top1"] > self.state.best_top1
-            self.state.best_top1 = max(self.state.best_top1, val["top1"])
-            self.save("last.pt", last)
-            if is_best:
-                self.save("best.pt", last)
-            if self._out_of_steps():
-                break
+        watcher = PreemptionWatcher()
+        try:
+            while self.state.epoch < self.cfg.epochs and not (self._out_of_steps() and self.state.batch == 0):
+                last = self.run_epoch(watcher)
+                if self._out_of_steps():
+                    break
+        finally:
+            watcher.close()
         if self.dist.distributed:
             identical = replicas_identical(self.model)
             self.tracker.info("weights identical on all %d ranks: %s", self.dist.world_size, identical)
         return {**last, "best_top1": self.state.best_top1, "minutes": (time.perf_counter() - start) / 60}
 
+    def run_epoch(self, watcher: PreemptionWatcher) -> Dict[str, Any]:
+        epoch = self.state.epoch
+        train = self.train_one_epoch(epoch, watcher)
+        if self.dist.distributed and not self.cfg.sync_bn:
+            distribute_bn(self.model, self.dist.world_size, reduce=True)  # ranks agree on BN stats
+        val = evaluate(self.eval_model, self.loaders.val, self.precision, self.device)
+        self.scheduler.step(epoch + 1)  # epoch-based schedules; per-step ones move in step_update
+        self.state.epoch, self.state.batch, self.state.loss_sum, self.state.images = epoch + 1, 0, 0.0, 0
+        record = {"epoch": epoch, **train, "val_loss": val["loss"], "val_top1": val["top1"],
+                  "val_top5": val["top5"], "val_images": val["images"], "step": self.state.step,
+                  "skipped_steps": self.state.skipped_steps}
+        self.tracker.log_epoch(record)
+        is_best = val["top1"] > self.state.best_top1
+        self.state.best_top1 = max(self.state.best_top1, val["top1"])
+        self.save("last.pt", record)
+        if is_best:
+            self.save("best.pt", record)
+        return record
+
     def _out_of_steps(self) -> bool:
         return self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps
 
-    def train_one_epoch(self, epoch: int) -> Dict[str, float]:
+    def train_one_epoch(self, epoch: int, watcher: PreemptionWatcher) -> Dict[str, float]:
         self.train_model.train()
         loader = self.loaders.train
-        loader.set_epoch(epoch)
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        images_seen = 0
+        loader.set_epoch(epoch, start_batch=self.state.batch)
         throughput = Throughput()
-        self.tracker.start_bar(len(loader) // self.accum_steps, f"epoch {epoch + 1}/{self.cfg.epochs}")
-        for i, (images, labels) in enumerate(loader):
-            is_update = (i + 1) % self.accum_steps == 0
+        self.tracker.start_bar(len(loader) // self.accum_steps + self.state.batch // self.accum_steps,
+                               f"epoch {epoch + 1}/{self.cfg.epochs}", initial=self.state.batch // self.accum_steps)
+        pending_loss, pending_images = torch.zeros((), dtype=torch.float64, device=self.device), 0
+        for images, labels in loader:
+            self.state.batch += 1
+            is_update = self.state.batch % self.accum_steps == 0
             loss = self._forward_backward(images, labels, sync=is_update)
-            loss_sum += loss.detach().double() * labels.numel()
-            images_seen += labels.numel()
+            pending_loss += loss.double() * labels.numel()
+            pending_images += labels.numel()
             throughput.add(labels.numel())
             if not is_update:
                 continue
-            self._optimizer_step()
-            self.tracker.update_bar(lr=f"{self._lr():.3g}")
-            if self.state.step % self.cfg.log_interval == 0:
+            grad_norm = self._clip_gradients()
+            nonfinite, preempt = self._step_flags(loss, grad_norm, watcher)
+            if nonfinite:
+                self._skip_step()
+            else:
+                self._optimizer_step(pending_loss.item(), pending_images)
+            pending_loss.zero_()
+            pending_images = 0
+            self.tracker.update_bar(loss=f"{loss.item():.3f}", lr=f"{self._lr():.3g}")
+            if self.state.step % self.cfg.log_interval == 0 and not nonfinite:
                 self.tracker.info("epoch %d step %d loss %.4f lr %.4g img/s %.0f", epoch, self.state.step,
                                   loss.item(), self._lr(), throughput.rate * self.dist.world_size)
+            if preempt:
+                self.tracker.close_bar()
+                self.save("last.pt")
+                raise Preempted(f"signal {watcher.received}: checkpoint written at step {self.state.step}")
+            if self._periodic_save_due():
+                self.save("last.pt")
             if self._out_of_steps():
                 break
         self.tracker.close_bar()
-        totals = all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(images_seen), device=self.device,
-                                                                    dtype=torch.float64)]))
-        train_loss = (totals[0] / totals[1].clamp_min(1)).item()
-        if not math.isfinite(train_loss):
-            self.tracker.info("warning: non-finite train loss in epoch %d", epoch)
-        return {"train_loss": train_loss, "lr": self._lr(), "img_per_s": throughput.rate * self.dist.world_size}
+        totals = all_reduce_sum(torch.tensor([self.state.loss_sum, float(self.state.images)],
+                                             dtype=torch.float64, device=self.device))
+        return {"train_loss": (totals[0] / totals[1].clamp_min(1)).item(), "lr": self._lr(),
+                "img_per_s": throughput.rate * self.dist.world_size}
 
     def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> torch.Tensor:
         no_sync = getattr(self.train_model, "no_sync", None)
@@ -147,15 +186,62 @@ class Trainer:
                 logits = self.train_model(images)
             loss = F.cross_entropy(logits.float(), labels)
             self.precision.scaler.scale(loss / self.accum_steps).backward()
-        return loss
+        return loss.detach()
 
-    def _optimizer_step(self) -> None:
+    def _clip_gradients(self) -> torch.Tensor:
+        """The global gradient norm (after DDP's all-reduce, so equal on all ranks), clipped if asked."""
+        self.precision.scaler.unscale_(self.optimizer)
+        max_norm = self.cfg.clip_grad if self.cfg.clip_grad is not None else float("inf")
+        return nn.utils.clip_grad_norm_(self.model.parameters(), max_norm)
+
+    def _step_flags(self, loss: torch.Tensor, grad_norm: torch.Tensor, watcher: PreemptionWatcher):
+        """(skip this step, stop for preemption), agreed by all ranks in one small all-reduce."""
+        nonfinite = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if self.precision.scaler.is_enabled():
+            nonfinite = torch.zeros_like(nonfinite)  # fp16: GradScaler skips such steps itself
+        flags = torch.stack([nonfinite.to(torch.int32),
+                             torch.tensor(int(watcher.received is not None), device=loss.device)])
+        if self.dist.distributed:
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+        nonfinite_flag, preempt_flag = flags.tolist()
+        return bool(nonfinite_flag), bool(preempt_flag)
+
+    def _optimizer_step(self, loss_sum: float, images: int) -> None:
         scaler = self.precision.scaler
         scaler.step(self.optimizer)
         scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
+        self.state.loss_sum += loss_sum
+        self.state.images += images
+        self.nonfinite_in_a_row = 0
         self.scheduler.step_update(num_updates=self.state.step)
+
+    def _skip_step(self) -> None:
+        """Drop a step whose loss or gradient is not finite; stop after too many in a row."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.precision.scaler.update()
+        self.state.skipped_steps += 1
+        self.nonfinite_in_a_row += 1
+        self.tracker.info("warning: non-finite loss or gradient at step %d (epoch %d, batch %d): step skipped "
+                          "(%d in a row)", self.state.step, self.state.epoch, self.state.batch,
+                          self.nonfinite_in_a_row)
+        if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
+            raise UserError(f"training diverged: {self.nonfinite_in_a_row} non-finite losses/gradients in a row "
+                            f"up to step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch}): "
+                            f"lower optim.lr or set trainer.clip_grad; last good checkpoint: "
+                            f"{self.checkpoint_dir / 'last.pt'}")
+
+    def _periodic_save_due(self) -> bool:
+        every_steps, every_minutes = self.checkpoint_cfg.every_steps, self.checkpoint_cfg.every_minutes
+        if every_steps and self.state.step % every_steps == 0:
+            return True
+        if every_minutes:  # rank 0's clock decides for everyone
+            due = torch.tensor(int(time.monotonic() - self.last_save >= 60 * every_minutes), device=self.device)
+            if self.dist.distributed:
+                torch.distributed.broadcast(due, src=0)
+            return bool(due.item())
+        return False
 
     def _lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
