@@ -1,0 +1,75 @@
+"""PNG charts of a run's curves and of a sweep's results.
+
+Figures are built with ``matplotlib.figure.Figure``, not pyplot: it renders with Agg without
+switching the process-wide backend, so it works headless and leaves callers' plotting alone.
+"""
+import json
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+
+def read_metrics(metrics_jsonl: Path) -> List[Dict[str, Any]]:
+    """One record per epoch, in epoch order.
+
+    A run resumed from a checkpoint older than its last log line logs that epoch again;
+    the later line wins.
+    """
+    by_epoch: Dict[int, Dict[str, Any]] = {}
+    for number, line in enumerate(Path(metrics_jsonl).read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{metrics_jsonl}:{number} is not a JSON line ({e.msg})") from None
+        by_epoch[record["epoch"]] = record
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
+def _series(records: List[Dict[str, Any]], key: str) -> Tuple[List[int], List[float]]:
+    points = [(r["epoch"], r[key]) for r in records if r.get(key) is not None]
+    return [x for x, _ in points], [y for _, y in points]
+
+
+def _plot_lines(ax: Axes, records: List[Dict[str, Any]], keys: Dict[str, str], ylabel: str) -> None:
+    for key, label in keys.items():
+        xs, ys = _series(records, key)
+        if xs:
+            ax.plot(xs, ys, marker="o", markersize=3, label=label)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend()
+
+
+def plot_curves(metrics_jsonl: Path, out_png: Path) -> None:
+    """Loss, validation accuracy and learning rate per epoch, side by side."""
+    records = read_metrics(metrics_jsonl)
+    if not records:
+        raise ValueError(f"{metrics_jsonl} holds no epochs yet")
+    fig = Figure(figsize=(15, 4), layout="constrained")
+    loss_ax, acc_ax, lr_ax = fig.subplots(1, 3)
+    _plot_lines(loss_ax, records, {"train_loss": "train", "val_loss": "val"}, "loss")
+    _plot_lines(acc_ax, records, {"val_top1": "val top-1", "val_top5": "val top-5"}, "accuracy (%)")
+    _plot_lines(lr_ax, records, {"lr": "lr"}, "learning rate")
+    fig.savefig(out_png, dpi=100)
+
+
+def plot_comparison(rows: List[Dict[str, Any]], out_png: Path) -> None:
+    """Best validation top-1 of each run as a labelled bar."""
+    labels = [f"{row['model']}/{row['attention']}" for row in rows]
+    fig = Figure(figsize=(max(6.0, 1.2 * len(rows)), 4.5), layout="constrained")
+    ax = fig.subplots()
+    bars = ax.bar(range(len(rows)), [row["best_top1"] for row in rows])
+    ax.bar_label(bars, fmt="%.2f")
+    tilt = len(rows) > 4  # level labels would overlap
+    ax.set_xticks(range(len(rows)), labels, rotation=30 if tilt else 0, ha="right" if tilt else "center")
+    ax.set_ylabel("best val top-1 (%)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.savefig(out_png, dpi=100)
