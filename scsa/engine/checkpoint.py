@@ -31,6 +31,10 @@ def save_atomic(state: Dict[str, Any], path: Path, keep_previous: bool = False) 
         if keep_previous and path.exists():
             os.replace(path, previous_path(path))
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise UserError(f"could not write checkpoint '{path}' ({e.strerror or e}): free space or fix permissions "
+                        f"there; the previous checkpoint is intact") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -78,6 +78,9 @@ class Trainer:
     def save(self, name: str, metrics: Optional[Dict[str, Any]] = None) -> None:
         """Write a checkpoint from rank 0; every rank calls this (loader positions are gathered)."""
         loader_states = gather_objects(self.loaders.train.state_dict())
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            self.tracker.warning(f"not writing {name}: the model has non-finite weights at step {self.state.step}")
+            return
         if self.dist.is_main:
             save_atomic({**self.state_dict(metrics), "loader": loader_states}, self.checkpoint_dir / name,
                         keep_previous=name == "last.pt")
