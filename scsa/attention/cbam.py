@@ -1,0 +1,32 @@
+"""CBAM: convolutional block attention module (Woo et al., ECCV 2018)."""
+import torch
+import torch.nn as nn
+from timm.layers.cbam import ChannelAttn
+
+__all__ = ["CBAM"]
+
+
+class SpatialGate(nn.Module):
+    """``x * sigmoid(conv([mean_C x, max_C x]))``; timm's ``SpatialAttn`` adds a BatchNorm, the paper does not."""
+
+    def __init__(self, kernel_size: int = 7):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attn = torch.cat([x.mean(dim=1, keepdim=True), x.amax(dim=1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.conv(attn))
+
+
+class CBAM(nn.Module):
+    """Channel gate (a shared bias-free MLP over avg- and max-pooled x, width ``max(C/r, min_channels)``)
+    then spatial gate. The channel gate is timm's ``ChannelAttn``.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, min_channels: int = 8):
+        super().__init__()
+        self.channel = ChannelAttn(channels, rd_channels=max(channels // reduction, min_channels), mlp_bias=False)
+        self.spatial = SpatialGate(kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.spatial(self.channel(x))

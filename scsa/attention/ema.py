@@ -1,0 +1,35 @@
+"""EMA: efficient multi-scale attention (Ouyang et al., ICASSP 2023), after the authors' code."""
+import torch
+import torch.nn as nn
+
+__all__ = ["EMA"]
+
+
+class EMA(nn.Module):
+    """Channel groups folded into the batch; a 1x1 branch (directional gates + GroupNorm) and a
+    3x3 branch weight each other's pixels through a softmax over channels (cross-spatial step).
+    """
+
+    def __init__(self, channels: int, factor: int = 32):
+        super().__init__()
+        if factor <= 0 or channels % factor:
+            raise ValueError(f"EMA needs channels divisible by factor={factor} (got {channels}): "
+                             f"use a multiple of {factor} or a factor that divides {channels}")
+        self.groups = factor
+        cg = channels // factor
+        self.gn = nn.GroupNorm(cg, cg)
+        self.conv1x1 = nn.Conv2d(cg, cg, kernel_size=1)
+        self.conv3x3 = nn.Conv2d(cg, cg, kernel_size=3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = x.shape
+        g = x.reshape(b * self.groups, -1, h, w)
+        x_h = g.mean(3, keepdim=True)
+        x_w = g.mean(2, keepdim=True).transpose(2, 3)
+        x_h, x_w = torch.split(self.conv1x1(torch.cat([x_h, x_w], dim=2)), [h, w], dim=2)
+        x1 = self.gn(g * x_h.sigmoid() * x_w.transpose(2, 3).sigmoid())
+        x2 = self.conv3x3(g)
+        w1 = torch.softmax(x1.mean((2, 3)), dim=-1).unsqueeze(1)  # (BG, 1, C/G)
+        w2 = torch.softmax(x2.mean((2, 3)), dim=-1).unsqueeze(1)
+        weights = w1 @ x2.flatten(2) + w2 @ x1.flatten(2)  # (BG, 1, HW)
+        return (g * weights.view(-1, 1, h, w).sigmoid()).reshape(b, c, h, w)

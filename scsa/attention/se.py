@@ -1,0 +1,15 @@
+"""SE: squeeze-and-excitation (Hu et al., CVPR 2018), as in the SCSA authors' comparisons."""
+from timm.layers import SEModule
+
+__all__ = ["SE"]
+
+
+class SE(SEModule):
+    """``x * sigmoid(W2 relu(W1 gap(x)))`` with bias-free ``W1: C -> C/r`` and ``W2: C/r -> C``.
+
+    timm's ``SEModule`` with the paper's hidden width (no rounding to a multiple of 8) and
+    no biases; the 1x1 convs are the spec's Linear layers. The hidden width is at least 1.
+    """
+
+    def __init__(self, channels: int, reduction: int = 16):
+        super().__init__(channels, rd_channels=max(1, channels // reduction), bias=False)
