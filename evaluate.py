@@ -1,9 +1,12 @@
-"""Evaluate a checkpoint: ``python evaluate.py checkpoint=PATH [data overrides]``.
+"""Evaluate a checkpoint, or compare the runs of a sweep.
 
-Prints progress to stderr and, as its last stdout line, one JSON object with top1, top5,
-loss, images, params and flops (MACs per image at the evaluation resolution).
+``python evaluate.py checkpoint=PATH [data overrides]`` prints, as its last stdout line, one
+JSON object with top1, top5, loss, images, params and flops (MACs per image at the
+evaluation resolution). ``python evaluate.py compare=MULTIRUN_DIR`` writes comparison.md,
+comparison.csv and comparison.png into that folder and prints the table.
 """
 import json
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -13,6 +16,7 @@ import scsa
 import scsa.config  # noqa: F401  (registers the resolvers conf/ uses)
 from data import build_loaders
 from scsa.cli import hydra_entry_point, run_task
+from scsa.compare import write_comparison
 from scsa.complexity import count_macs, count_params
 from scsa.engine import distributed
 from scsa.engine.checkpoint import load_checkpoint
@@ -28,6 +32,14 @@ def data_config(cfg: DictConfig, stored: dict) -> DictConfig:
     for key in (o[len("data."):] for o in overrides if o.startswith("data.")):
         OmegaConf.update(data, key, OmegaConf.select(cfg.data, key), force_add=True)
     return data
+
+
+def compare(sweep_dir: str) -> None:
+    try:
+        write_comparison(Path(sweep_dir))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print((Path(sweep_dir) / "comparison.md").read_text())
 
 
 def run(cfg: DictConfig) -> dict:
@@ -62,7 +74,15 @@ def run(cfg: DictConfig) -> dict:
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
-    run_task(lambda: run(cfg))
+    run_task(lambda: dispatch(cfg))
+
+
+def dispatch(cfg: DictConfig) -> None:
+    if cfg.compare:
+        return compare(cfg.compare)
+    if cfg.checkpoint:
+        return run(cfg)
+    raise UserError("nothing to do: pass checkpoint=PATH or compare=MULTIRUN_DIR")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
 config (conf/) -> data (data/) -> model (scsa.create_model) -> engine (scsa/engine)
 -> run dir (train.log, metrics.jsonl, checkpoints/).
 """
+import logging
 from pathlib import Path
 from typing import Any, Dict
 
@@ -25,6 +26,9 @@ from scsa.engine.precision import Precision
 from scsa.engine.trainer import Trainer
 from scsa.errors import UserError
 from scsa.tracking import Tracker
+from scsa.wandb_run import WandbRun
+
+log = logging.getLogger("train")
 
 
 def scaled_lr(optim: DictConfig, global_batch: int) -> float:
@@ -55,13 +59,13 @@ def build_scheduler(cfg: DictConfig, optimizer: torch.optim.Optimizer, updates_p
     return scheduler
 
 
-def find_resume_checkpoint(resume: str, checkpoint_dir: Path, warn) -> "tuple[Path, dict] | None":
+def find_resume_checkpoint(resume: str, checkpoint_dir: Path) -> "tuple[Path, dict] | None":
     """``auto``: this run dir's newest loadable checkpoint; ``none``; or an explicit path."""
     if resume == "none":
         return None
     if resume == "auto":
         last = checkpoint_dir / "last.pt"
-        return load_latest([last, previous_path(last)], warn)
+        return load_latest([last, previous_path(last)], log.warning)
     return Path(resume), load_checkpoint(resume)
 
 
@@ -78,19 +82,34 @@ def check_writable(run_dir: Path) -> Path:
     return checkpoint_dir
 
 
+def configure_backends(trainer: DictConfig, seed: int, rank: int, device: torch.device) -> None:
+    random_seed(seed, rank)
+    if trainer.deterministic:
+        torch.use_deterministic_algorithms(True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def start_tracking(cfg: DictConfig, run_dir: Path, is_main: bool, run_id: "str | None") -> Tracker:
+    try:
+        wandb_run = WandbRun(cfg.wandb.mode, cfg.wandb.project, run_dir, OmegaConf.to_container(cfg, resolve=True),
+                             name=f"{cfg.model.name}-{cfg.attention.name}",
+                             tags=[cfg.model.name, cfg.attention.name, cfg.data.name], run_id=run_id, enabled=is_main)
+    except ValueError as e:
+        raise UserError(f"{e}: set wandb.mode accordingly") from None
+    return Tracker(run_dir, is_main, wandb_run)
+
+
 def train(cfg: DictConfig) -> Dict[str, Any]:
     dist_info, device = distributed.init_distributed(cfg.trainer.device)
     try:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         checkpoint_dir = check_writable(run_dir)
-        tracker = Tracker(run_dir, enabled=dist_info.is_main)
-        random_seed(cfg.seed, dist_info.rank)
-        if cfg.trainer.deterministic:
-            torch.use_deterministic_algorithms(True)
-        elif device.type == "cuda":
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        configure_backends(cfg.trainer, cfg.seed, dist_info.rank, device)
+        resume_from = find_resume_checkpoint(str(cfg.resume), checkpoint_dir)
+        tracker = start_tracking(cfg, run_dir, dist_info.is_main, resume_from[1].get("wandb_run_id") if resume_from else None)
 
         loaders = build_loaders(cfg.data, rank=dist_info.rank, world_size=dist_info.world_size, device=device,
                                 seed=cfg.seed, channels_last=cfg.trainer.channels_last)
@@ -103,17 +122,21 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         optimizer = build_optimizer(cfg, model, lr)
         scheduler = build_scheduler(cfg, optimizer, len(loaders.train) // cfg.trainer.accum_steps)
         meta = {"config": OmegaConf.to_container(cfg, resolve=True), "classes": loaders.classes,
-                "params": params, "flops": macs}
+                "params": params, "flops": macs, "wandb_run_id": tracker.wandb.run_id}
         trainer = Trainer(model, optimizer, scheduler, loaders, Precision(cfg.trainer.amp, device), dist_info,
                           device, tracker, checkpoint_dir, cfg, meta)
-        resume_from = find_resume_checkpoint(str(cfg.resume), checkpoint_dir, tracker.warning)
         if resume_from:
             trainer.resume(*resume_from)
         trainer.wrap()
         tracker.info("model=%s attention=%s params=%d MACs=%.3gG device=%s world=%d loader=%s "
                      "global batch=%d lr=%.4g run dir=%s", cfg.model.name, cfg.attention.name, params, macs / 1e9,
                      device, dist_info.world_size, loaders.backend, global_batch, lr, run_dir)
-        summary = trainer.fit()
+        exit_code = 1
+        try:
+            summary = trainer.fit()
+            exit_code = 0
+        finally:
+            tracker.finish({"params": params, "flops": macs, "best_top1": trainer.state.best_top1}, exit_code)
         if dist_info.is_main:
             print(f"done: best val top-1 {summary['best_top1']:.2f}% | last val top-1 {summary.get('val_top1', 0):.2f}%"
                   f" top-5 {summary.get('val_top5', 0):.2f}% | {summary['minutes']:.1f} min | run dir {run_dir}")

@@ -1,6 +1,6 @@
-"""What a run leaves behind: metrics.jsonl, log lines, a progress bar. Rank 0 only.
+"""What a run leaves behind: metrics.jsonl, train.log lines, a progress bar, W&B, curves.png.
 
-Every other rank gets a tracker that does nothing, so callers never check ranks.
+Rank 0 only: every other rank gets a tracker that does nothing, so callers never check ranks.
 """
 import json
 import logging
@@ -11,16 +11,24 @@ from typing import Any, Dict, Optional
 
 from tqdm import tqdm
 
+from scsa.plots import plot_curves
+from scsa.wandb_run import WandbRun, gpu_memory_gib
+
 log = logging.getLogger("train")
 
 
 class Tracker:
-    def __init__(self, run_dir: Path, enabled: bool):
+    def __init__(self, run_dir: Path, enabled: bool, wandb_run: WandbRun):
         self.enabled = enabled
+        self.run_dir = run_dir
         self.metrics_path = run_dir / "metrics.jsonl"
+        self.wandb = wandb_run
         self._bar: Optional[tqdm] = None
         if not enabled:
             logging.getLogger().setLevel(logging.WARNING)  # ranks > 0 log warnings only
+
+    def log_step(self, metrics: Dict[str, float], step: int) -> None:
+        self.wandb.log({f"train/{k}": v for k, v in metrics.items()}, step=step)
 
     def info(self, message: str, *args: Any) -> None:
         if self.enabled:
@@ -35,9 +43,19 @@ class Tracker:
             return
         with self.metrics_path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        memory = gpu_memory_gib()
+        self.wandb.log({f"epoch/{k}": v for k, v in record.items()}
+                       | ({"epoch/gpu_mem_gib": memory} if memory is not None else {}), step=record["step"])
         log.info("epoch %d: %s", record["epoch"],
                  " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in record.items() if k != "epoch"))
+
+    def finish(self, summary: Dict[str, Any], exit_code: int) -> None:
+        """Close the W&B run and draw curves.png from metrics.jsonl."""
+        self.wandb.summary(summary)
+        self.wandb.finish(exit_code)
+        if self.enabled and self.metrics_path.is_file():
+            plot_curves(self.metrics_path, self.run_dir / "curves.png")
 
     def start_bar(self, total: int, desc: str, initial: int = 0) -> None:
         if self.enabled:
@@ -56,16 +74,18 @@ class Tracker:
 
 
 class Throughput:
-    """Images per second over a window of steps."""
+    """Images per second, and the share of time spent waiting for input."""
 
     def __init__(self):
-        self.reset()
+        self.start, self.images, self.data_seconds = time.perf_counter(), 0, 0.0
 
-    def reset(self) -> None:
-        self.start, self.images = time.perf_counter(), 0
-
-    def add(self, images: int) -> None:
+    def add(self, images: int, data_seconds: float) -> None:
         self.images += images
+        self.data_seconds += data_seconds
+
+    @property
+    def data_fraction(self) -> float:
+        return self.data_seconds / max(time.perf_counter() - self.start, 1e-9)
 
     @property
     def rate(self) -> float:

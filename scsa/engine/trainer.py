@@ -8,7 +8,7 @@ import contextlib
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,18 @@ from scsa.engine.preemption import Preempted, PreemptionWatcher
 from scsa.engine.rng import get_rng_state, set_rng_state
 from scsa.errors import UserError
 from scsa.tracking import Throughput, Tracker
+
+
+def timed(loader: Iterable) -> Iterator[Tuple[torch.Tensor, torch.Tensor, float]]:
+    """The loader's batches, each with the seconds spent waiting for it."""
+    batches = iter(loader)
+    while True:
+        start = time.perf_counter()
+        try:
+            images, labels = next(batches)
+        except StopIteration:
+            return
+        yield images, labels, time.perf_counter() - start
 
 
 @dataclass
@@ -146,40 +158,47 @@ class Trainer:
         self.tracker.start_bar(len(loader) // self.accum_steps + self.state.batch // self.accum_steps,
                                f"epoch {epoch + 1}/{self.cfg.epochs}", initial=self.state.batch // self.accum_steps)
         pending_loss, pending_images = torch.zeros((), dtype=torch.float64, device=self.device), 0
-        for images, labels in loader:
-            self.state.batch += 1
-            is_update = self.state.batch % self.accum_steps == 0
-            loss = self._forward_backward(images, labels, sync=is_update)
-            pending_loss += loss.double() * labels.numel()
-            pending_images += labels.numel()
-            throughput.add(labels.numel())
-            if not is_update:
-                continue
-            grad_norm = self._clip_gradients()
-            nonfinite, preempt = self._step_flags(loss, grad_norm, watcher)
-            if nonfinite:
-                self._skip_step()
-            else:
-                self._optimizer_step(pending_loss.item(), pending_images)
-            pending_loss.zero_()
-            pending_images = 0
-            self.tracker.update_bar(loss=f"{loss.item():.3f}", lr=f"{self._lr():.3g}")
-            if self.state.step % self.cfg.log_interval == 0 and not nonfinite:
-                self.tracker.info("epoch %d step %d loss %.4f lr %.4g img/s %.0f", epoch, self.state.step,
-                                  loss.item(), self._lr(), throughput.rate * self.dist.world_size)
-            if preempt:
-                self.tracker.close_bar()
-                self.save("last.pt")
-                raise Preempted(f"signal {watcher.received}: checkpoint written at step {self.state.step}")
-            if self._periodic_save_due():
-                self.save("last.pt")
-            if self._out_of_steps():
-                break
-        self.tracker.close_bar()
+        try:
+            for images, labels, wait in timed(loader):
+                self.state.batch += 1
+                is_update = self.state.batch % self.accum_steps == 0
+                loss = self._forward_backward(images, labels, sync=is_update)
+                pending_loss += loss.double() * labels.numel()
+                pending_images += labels.numel()
+                throughput.add(labels.numel(), wait)
+                if not is_update:
+                    continue
+                nonfinite, preempt = self._step_flags(loss, self._clip_gradients(), watcher)
+                if nonfinite:
+                    self._skip_step()
+                else:
+                    self._optimizer_step(pending_loss.item(), pending_images)
+                    self._log_step(epoch, loss, throughput)
+                pending_loss.zero_()
+                pending_images = 0
+                if preempt:
+                    self.save("last.pt")
+                    raise Preempted(f"signal {watcher.received}: checkpoint written at step {self.state.step}")
+                if self._periodic_save_due():
+                    self.save("last.pt")
+                if self._out_of_steps():
+                    break
+        finally:
+            self.tracker.close_bar()
         totals = all_reduce_sum(torch.tensor([self.state.loss_sum, float(self.state.images)],
                                              dtype=torch.float64, device=self.device))
         return {"train_loss": (totals[0] / totals[1].clamp_min(1)).item(), "lr": self._lr(),
                 "img_per_s": throughput.rate * self.dist.world_size}
+
+    def _log_step(self, epoch: int, loss: torch.Tensor, throughput: Throughput) -> None:
+        self.tracker.update_bar(loss=f"{loss.item():.3f}", lr=f"{self._lr():.3g}")
+        if self.state.step % self.cfg.log_interval:
+            return
+        rate, data = throughput.rate * self.dist.world_size, throughput.data_fraction
+        self.tracker.info("epoch %d step %d loss %.4f lr %.4g img/s %.0f data %.0f%%", epoch, self.state.step,
+                          loss.item(), self._lr(), rate, 100 * data)
+        self.tracker.log_step({"loss": loss.item(), "lr": self._lr(), "img_per_s": rate, "data_fraction": data},
+                              self.state.step)
 
     def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> torch.Tensor:
         no_sync = getattr(self.train_model, "no_sync", None)
@@ -232,8 +251,8 @@ class Trainer:
         if self.nonfinite_in_a_row >= self.cfg.max_nonfinite_steps:
             raise UserError(f"training diverged: {self.nonfinite_in_a_row} non-finite losses/gradients in a row "
                             f"up to step {self.state.step} (epoch {self.state.epoch}, batch {self.state.batch}): "
-                            f"lower optim.lr or set trainer.clip_grad; last good checkpoint: "
-                            f"{self.checkpoint_dir / 'last.pt'}")
+                            f"lower optim.lr or set trainer.clip_grad (checkpoints with finite weights stay in "
+                            f"{self.checkpoint_dir})")
 
     def _periodic_save_due(self) -> bool:
         every_steps, every_minutes = self.checkpoint_cfg.every_steps, self.checkpoint_cfg.every_minutes
