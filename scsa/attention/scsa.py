@@ -13,17 +13,16 @@ tensor is touched by a handful of broadcast ops, and the backward recovers every
 gradient from ``dout * out`` plus the pooling's window sums, so it needs no intermediate
 big tensor from the forward.
 """
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 __all__ = ["SCSA"]
 
 _STRIP_CONVS = ("local_dwc", "global_dwc_s", "global_dwc_m", "global_dwc_l")
-_STRIP_PARAMS = tuple(f"{n}.{p}" for n in _STRIP_CONVS for p in ("weight", "bias")) + (
-    "norm_h.weight", "norm_h.bias", "norm_w.weight", "norm_w.bias")
 _GN_EPS = 1e-5  # nn.GroupNorm's default, as in the authors' modules
 
 
@@ -32,199 +31,170 @@ def _gate(z: torch.Tensor, kind: str, dim: int) -> torch.Tensor:
 
 
 def _gate_backward(a: torch.Tensor, t: torch.Tensor, kind: str, dim: int) -> torch.Tensor:
-    """Gradient w.r.t. the gate's logits from ``t = a * dL/da`` (no division by ``a``)."""
+    """Gradient w.r.t. a gate's logits from ``t = a * dL/da``: no division by ``a`` needed."""
     if kind == "sigmoid":
         return t - t * a
     return t - a * t.sum(dim, keepdim=True)
 
 
-class _Graphs:
-    """Small fp32 autograd graphs built in the forward and replayed in the backward."""
+class _DepthwiseConv1d(torch.autograd.Function):
+    """Depthwise ``conv1d`` with 'same' padding.
 
-    def __init__(self, track: bool):
-        self.track = track
-        self.leaves: Dict[str, torch.Tensor] = {}
-
-    def leaf(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        t = t.detach().to(dtype)
-        if self.track:
-            t.requires_grad_()
-            self.leaves[name] = t
-        return t
-
-
-def _strip_logits(mod: "SCSA", p: Dict[str, torch.Tensor], x_h: torch.Tensor,
-                  x_w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """SMSA's logits for both strips: one depthwise conv, kernels zero-padded to the largest.
-
-    The H and W strips share the convs, so they run as one sequence with ``k_max // 2``
-    zeros between them: no output position sees both strips.
+    oneDNN computes a grouped conv's weight gradient as one small GEMM per group, which for
+    these (B, C, L) strips costs several times the forward. Here it is one grouped conv over
+    (channel, sample) pairs instead.
     """
-    k_max = max(mod.group_kernel_sizes)
-    pad = k_max // 2
-    weight = torch.cat([F.pad(p[f"{n}.weight"], ((k_max - k) // 2,) * 2)
-                        for n, k in zip(_STRIP_CONVS, mod.group_kernel_sizes)])
-    bias = torch.cat([p[f"{n}.bias"] for n in _STRIP_CONVS])
-    h = x_h.shape[-1]
-    seq = torch.cat([x_h, x_h.new_zeros(*x_h.shape[:2], pad), x_w], dim=-1)
-    z = F.conv1d(seq, weight, bias, padding=pad, groups=mod.channels)
-    z_h = F.group_norm(z[..., :h], 4, p["norm_h.weight"], p["norm_h.bias"], _GN_EPS)
-    z_w = F.group_norm(z[..., h + pad:], 4, p["norm_w.weight"], p["norm_w.bias"], _GN_EPS)
-    return z_h, z_w
-
-
-def _channel_logits(mod: "SCSA", p: Dict[str, torch.Tensor], y: torch.Tensor, training: bool) -> torch.Tensor:
-    """PCSA's logits (B, C): self-attention between channels over the pooled tokens.
-
-    q, k, v are per-channel scales (depthwise 1x1 convs). The mean over tokens is taken
-    before ``A @ v`` (it is linear), and SDPA avoids materialising the (d, d) attention map.
-    """
-    b, c = y.shape[:2]
-    y = F.group_norm(y, 1, p["norm.weight"], p["norm.bias"], _GN_EPS).flatten(2)
-
-    def proj(name: str) -> torch.Tensor:
-        t = y * p[f"{name}.weight"].view(c, 1)
-        if f"{name}.bias" in p:
-            t = t + p[f"{name}.bias"].view(c, 1)
-        return t.view(b, mod.head_num, c // mod.head_num, -1)
-
-    q, k, v = proj("q"), proj("k"), proj("v")
-    # v's token mean repeated to q's width: equal head dims let SDPA take its fused kernel
-    v = v.mean(-1, keepdim=True).expand_as(q).contiguous()
-    drop = mod.attn_drop_ratio if training else 0.0
-    o = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=mod.scaler)
-    return o[..., 0].reshape(b, c)
-
-
-class _SCSAFunction(torch.autograd.Function):
-    """``out = x * a_h * a_w * a_c`` with the gates' small graphs kept for the backward."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, mod: "SCSA", names: Tuple[str, ...], *params: torch.Tensor) -> torch.Tensor:
-        graphs = _Graphs(track=True)
-        out, state = _forward(mod, x, dict(zip(names, params)), graphs)
-        ctx.mod, ctx.names, ctx.graphs, ctx.state = mod, names, graphs, state
-        ctx.param_dtypes = [t.dtype for t in params]
-        ctx.shape = x.shape
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        return F.conv1d(x, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        b, c, length = x.shape
+        pad = weight.shape[-1] // 2
+        grad_x = F.conv1d(grad, weight.flip(-1), padding=pad, groups=c)
+        pairs = F.pad(x, (pad, pad)).transpose(0, 1).reshape(1, c * b, -1)
+        grad_w = F.conv1d(pairs, grad.transpose(0, 1).reshape(c * b, 1, length), groups=c * b)
+        return grad_x, grad_w.view(c, b, -1).sum(1, keepdim=True), grad.sum((0, 2))
+
+
+class _State:
+    """What the three Functions of one SCSA call share.
+
+    The big gradient dL/dx is assembled across their backwards, which autograd runs in
+    reverse order (_Out, _Pool, _Strips: each one's outputs feed the next one's inputs),
+    and returned once, by _Strips: no partial big gradients to add up.
+
+    Small per-row/per-column tensors that meet the big one are laid out like it (C innermost
+    for channels_last), so broadcasts and reductions run along its contiguous axis.
+    """
+
+    def __init__(self, mod: "SCSA", x: torch.Tensor):
+        self.kind = mod.gate_layer
+        self.window = mod.pool_window(*x.shape[2:])
+        self.max_pool = mod.down_sample_mode == "max_pool" and mod.window_size != -1
+        self.need_dx = x.requires_grad and torch.is_grad_enabled()
+        self.channels_last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        self.xs = self.dx = self.idx = None
+
+    def lay(self, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Small (B, C, ...) tensor ``t`` in ``dtype``, laid out like the big tensor."""
+        t = t.to(dtype)
+        return t.movedim(1, -1).contiguous().movedim(-1, 1) if self.channels_last else t
+
+    def sum(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """``t.sum(dim)`` in ``t``'s dtype (for bf16 the CPU kernel still accumulates in fp32)."""
+        if not self.channels_last:
+            return t.sum(dim)
+        shape = list(t.shape)
+        shape[dim] = 1
+        out = torch.empty([shape[0], *shape[2:], shape[1]], dtype=t.dtype, device=t.device).movedim(-1, 1)
+        return torch.sum(t, dim, keepdim=True, out=out).squeeze(dim)
+
+
+class _Strips(torch.autograd.Function):
+    """x -> its means over W and over H (fp32); the backward finishes dL/dx."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, st: _State) -> Tuple[torch.Tensor, torch.Tensor]:
+        ctx.st = st
+        h, w = x.shape[2:]
+        return st.sum(x, 3).float() / w, st.sum(x, 2).float() / h
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_h: torch.Tensor, g_w: torch.Tensor):
+        st = ctx.st
+        dx, st.dx = st.dx, None
+        h, w = dx.shape[2:]
+        dx.mul_(st.lay(st.a_h, dx.dtype)[..., None])
+        dx.add_(st.lay(g_h / w, dx.dtype)[..., None])
+        dx.add_(st.lay(g_w / h, dx.dtype)[:, :, None, :])
+        return dx, None
+
+
+class _Pool(torch.autograd.Function):
+    """(x, SMSA logits) -> PCSA's pooled map of ``x_s = x * a_h * a_w``; x_s is kept for _Out."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, z_h: torch.Tensor, z_w: torch.Tensor, st: _State) -> torch.Tensor:
+        ctx.st = st
+        st.a_h, st.a_w = _gate(z_h, st.kind, -1), _gate(z_w, st.kind, -1)
+        xs = x * st.lay(st.a_w, x.dtype)[:, :, None, :]
+        xs.mul_(st.lay(st.a_h, x.dtype)[..., None])
+        st.xs = xs
+        (wh, ww), (h, w) = st.window, x.shape[2:]
+        hp, wp = h // wh, w // ww
+        if st.max_pool:
+            y, st.idx = F.max_pool2d(xs, (wh, ww), (wh, ww), return_indices=True)  # idx: flat h * W + w
+            st.y = y = y.float()
+            return y
+        crop = xs[:, :, :hp * wh, :wp * ww]
+        st.rows = st.sum(crop.unflatten(3, (wp, ww)), 4)  # (B, C, Hc, Wp): x_s summed over each window's w
+        st.cols = st.sum(crop.unflatten(2, (hp, wh)), 3)  # (B, C, Hp, Wc): x_s summed over each window's h
+        return st.rows.float().unflatten(2, (hp, wh)).sum(3) / (wh * ww)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy: torch.Tensor):
+        st = ctx.st
+        b, c, h = st.a_h.shape
+        w = st.a_w.shape[-1]
+        (wh, ww), hp, wp = st.window, dy.shape[2], dy.shape[3]
+        hc, wc = hp * wh, wp * ww
+        t_h, t_w = st.t_h, st.t_w  # a * dL/da from out = x_s * a_c; add the pooling's share
+        if st.idx is not None:
+            idx = st.idx.flatten(2)
+            contrib = (st.y * dy).flatten(2)
+            t_h = t_h.scatter_add(2, idx.div(w, rounding_mode="floor"), contrib)
+            t_w = t_w.scatter_add(2, idx.remainder(w), contrib)
+        else:
+            u = dy / (wh * ww)  # dL/dx_s, constant over each window
+            t_h = t_h + F.pad((st.rows.float().unflatten(2, (hp, wh)) * u[:, :, :, None]).sum(-1).flatten(2),
+                              (0, h - hc))
+            t_w = t_w + F.pad((st.cols.float().unflatten(3, (wp, ww)) * u[..., None]).sum(2).flatten(2),
+                              (0, w - wc))
+        if st.dx is not None:  # dx = dout * a_w * a_c so far; add a_w * dL/dx_s (a_h comes last)
+            dx = st.dx
+            if st.idx is not None:
+                hi, wi = idx.div(w, rounding_mode="floor"), idx.remainder(w)
+                bi = torch.arange(b, device=dx.device).view(b, 1, 1)
+                ci = torch.arange(c, device=dx.device).view(1, c, 1)
+                dx.index_put_((bi, ci, hi, wi), (st.a_w.gather(2, wi) * dy.flatten(2)).to(dx.dtype),
+                              accumulate=True)
+            else:
+                spread = u[..., None].expand(b, c, hp, wp, ww).flatten(3)  # (B, C, Hp, Wc)
+                spread = st.lay(F.pad(spread, (0, w - wc)) * st.a_w[:, :, None, :], dx.dtype)
+                dx[:, :, :hc].unflatten(2, (hp, wh)).add_(spread[:, :, :, None])
+        return None, _gate_backward(st.a_h, t_h, st.kind, -1), _gate_backward(st.a_w, t_w, st.kind, -1), None
+
+
+class _Out(torch.autograd.Function):
+    """PCSA logits -> ``out = x_s * a_c``, in place in _Pool's x_s."""
+
+    @staticmethod
+    def forward(ctx, z_c: torch.Tensor, st: _State) -> torch.Tensor:
+        ctx.st = st
+        st.a_c = _gate(z_c, st.kind, 1)
+        out, st.xs = st.xs.mul_(st.a_c.to(st.xs.dtype)[..., None, None]), None
         ctx.save_for_backward(out)
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
+    @once_differentiable
     def backward(ctx, dout: torch.Tensor):
+        st = ctx.st
         (out,) = ctx.saved_tensors
-        dx, grads = _backward(ctx.mod, ctx.graphs, ctx.state, out, dout)
-        dparams = [grads.get(n) for n in ctx.names]
-        dparams = [g if g is None else g.to(dt) for g, dt in zip(dparams, ctx.param_dtypes)]
-        return (dx, None, None, *dparams)
-
-
-def _forward(mod: "SCSA", x: torch.Tensor, p: Dict[str, torch.Tensor],
-             graphs: _Graphs) -> Tuple[torch.Tensor, Optional[dict]]:
-    """Shared by the autograd Function and the no-grad path (``graphs.track`` False)."""
-    b, c, h, w = x.shape
-    xd = x.dtype
-    dt = torch.promote_types(xd, torch.float32)  # small tensors: fp32 even under autocast
-    wh, ww = mod.pool_window(h, w)
-    hp, wp = h // wh, w // ww
-    with torch.no_grad():
-        # Reductions stay in x's dtype: CPU sums of bf16 accumulate in fp32 anyway, and
-        # reductions with an fp32 output dtype are several times slower there.
-        x_h, x_w = x.sum(3).to(dt) / w, x.sum(2).to(dt) / h
-    with torch.autocast(device_type=x.device.type, enabled=False), torch.set_grad_enabled(graphs.track):
-        sp = {n: graphs.leaf(n, t, dt) for n, t in p.items()}
-        z_h, z_w = _strip_logits(mod, sp, graphs.leaf("x_h", x_h, dt), graphs.leaf("x_w", x_w, dt))
-    with torch.no_grad():
-        a_h, a_w = _gate(z_h.detach(), mod.gate_layer, -1), _gate(z_w.detach(), mod.gate_layer, -1)
-        xs = x * a_w.to(xd)[:, :, None, :]
-        xs.mul_(a_h.to(xd)[..., None])
-        crop = xs[:, :, :hp * wh, :wp * ww]
-        if mod.down_sample_mode == "avg_pool" or mod.window_size == -1:
-            rows = crop.unflatten(3, (wp, ww)).sum(-1)  # (B, C, Hc, Wp): sums over w in a window
-            cols = crop.unflatten(2, (hp, wh)).sum(3)  # (B, C, Hp, Wc): sums over h in a window
-            y = rows.to(dt).unflatten(2, (hp, wh)).sum(3) / (wh * ww)
-            pool = ("avg", rows, cols)
-        else:
-            y, idx = F.max_pool2d(xs, (wh, ww), (wh, ww), return_indices=True)  # flat h * W + w
-            y = y.to(dt)
-            pool = ("max", y, idx)
-    with torch.autocast(device_type=x.device.type, enabled=False), torch.set_grad_enabled(graphs.track):
-        z_c = _channel_logits(mod, sp, graphs.leaf("y", y, dt), mod.training)
-    with torch.no_grad():
-        a_c = _gate(z_c.detach(), mod.gate_layer, 1)
-        out = xs.mul_(a_c.to(xd)[..., None, None])
-    if not graphs.track:
-        return out, None
-    return out, dict(z_h=z_h, z_w=z_w, z_c=z_c, a_h=a_h, a_w=a_w, a_c=a_c, pool=pool, window=(wh, ww))
-
-
-def _grad(graphs: _Graphs, outputs: List[torch.Tensor], grads: List[torch.Tensor],
-          names: Sequence[str]) -> Dict[str, torch.Tensor]:
-    names = [n for n in names if n in graphs.leaves]
-    found = torch.autograd.grad(outputs, [graphs.leaves[n] for n in names], grads, allow_unused=True)
-    return dict(zip(names, found))
-
-
-def _backward(mod: "SCSA", graphs: _Graphs, s: dict, out: torch.Tensor,
-              dout: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    b, c, h, w = out.shape
-    kind = mod.gate_layer
-    a_h, a_w, a_c = s["a_h"], s["a_w"], s["a_c"]
-    dt = a_h.dtype
-    wh, ww = s["window"]
-    hp, wp = h // wh, w // ww
-    hc, wc = hp * wh, wp * ww
-
-    # a * dL/da for the three gates' uses in out = x * a_h * a_w * a_c: sums of dout * out.
-    prod = dout * out
-    t_h, t_w = prod.sum(3).to(dt), prod.sum(2).to(dt)  # (B, C, H), (B, C, W)
-    del prod
-    dz_c = _gate_backward(a_c, t_h.sum(-1), kind, 1)
-    channel_params = [n for n in graphs.leaves if n not in _STRIP_PARAMS and n not in ("x_h", "x_w")]
-    g2 = _grad(graphs, [s["z_c"]], [dz_c], channel_params)
-    dy = g2.pop("y")
-
-    # The pooling's use of a_h, a_w (through x_s = x * a_h * a_w) and of x.
-    kind_pool, p1, p2 = s["pool"]
-    if kind_pool == "avg":
-        u = dy / (wh * ww)  # dL/dx_s, constant over each window
-        rows, cols = p1.to(dt), p2.to(dt)
-        t_h[..., :hc] += (rows.unflatten(2, (hp, wh)) * u[:, :, :, None, :]).sum(-1).flatten(2)
-        t_w[..., :wc] += (cols.unflatten(3, (wp, ww)) * u[..., None]).sum(2).flatten(2)
-    else:
-        y, idx = p1, p2
-        contrib = (y * dy).flatten(2)
-        idx = idx.flatten(2)
-        t_h.scatter_add_(2, idx.div(w, rounding_mode="floor"), contrib)
-        t_w.scatter_add_(2, idx.remainder(w), contrib)
-    dz_h = _gate_backward(a_h, t_h, kind, -1)
-    dz_w = _gate_backward(a_w, t_w, kind, -1)
-    g1 = _grad(graphs, [s["z_h"], s["z_w"]], [dz_h, dz_w], ("x_h", "x_w") + _STRIP_PARAMS)
-    dx_h, dx_w = g1.pop("x_h"), g1.pop("x_w")
-
-    # dx = a_h * a_w * (a_c * dout + dL/dx_s) + dx_h / W + dx_w / H; dL/dx_s is the
-    # pooling's gradient: dy spread over its window (avg) or put at the argmax (max).
-    xd = out.dtype
-    dx = torch.empty_like(dout)
-    ac = a_c.to(xd)[..., None, None]
-    if kind_pool == "avg" and hc == h:
-        spread = u[..., None].expand(b, c, hp, wp, ww).flatten(3)  # (B, C, Hp, Wc)
-        spread = F.pad(spread, (0, w - wc)).to(xd)[:, :, :, None, :]
-        torch.addcmul(spread, dout.unflatten(2, (hp, wh)), ac[..., None], out=dx.unflatten(2, (hp, wh)))
-    elif kind_pool == "avg":
-        torch.mul(dout, ac, out=dx)
-        spread = u[..., None].expand(b, c, hp, wp, ww).flatten(3).to(xd)[:, :, :, None, :]
-        dx[:, :, :hc, :wc].unflatten(2, (hp, wh)).add_(spread)
-    else:
-        torch.mul(dout, ac, out=dx)
-        bi = torch.arange(b, device=dx.device).view(b, 1, 1)
-        ci = torch.arange(c, device=dx.device).view(1, c, 1)
-        dx.index_put_((bi, ci, idx.div(w, rounding_mode="floor"), idx.remainder(w)), dy.flatten(2).to(xd),
-                      accumulate=True)
-    dx.mul_(a_w.to(xd)[:, :, None, :])
-    torch.addcmul((dx_h / w).to(xd)[..., None], dx, a_h.to(xd)[..., None], out=dx)
-    dx.add_((dx_w / h).to(xd)[:, :, None, :])
-    return dx, {**g1, **g2}
+        # a * dL/da for each gate's use in out = x * a_h * a_w * a_c: sums of dout * out.
+        prod = dout * out
+        st.t_h, st.t_w = st.sum(prod, 3).float(), st.sum(prod, 2).float()
+        if st.need_dx:
+            st.dx = torch.mul(dout, st.lay(st.a_w * st.a_c[..., None], dout.dtype)[:, :, None, :], out=prod)
+        return _gate_backward(st.a_c, st.t_h.sum(-1), st.kind, 1), None
 
 
 class SCSA(nn.Module):
@@ -289,14 +259,56 @@ class SCSA(nn.Module):
             return h, w
         return min(self.window_size, h), min(self.window_size, w)
 
+    def _strip_logits(self, x_h: torch.Tensor, x_w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """SMSA's logits for both strips: one depthwise conv, kernels zero-padded to the largest.
+
+        The H and W strips share the convs, so they run as one sequence with ``k_max // 2``
+        zeros between them: no output position sees both strips.
+        """
+        k_max = max(self.group_kernel_sizes)
+        pad = k_max // 2
+        convs = [getattr(self, n) for n in _STRIP_CONVS]
+        weight = torch.cat([F.pad(m.weight, ((k_max - m.kernel_size[0]) // 2,) * 2) for m in convs])
+        bias = torch.cat([m.bias for m in convs])
+        h = x_h.shape[-1]
+        seq = torch.cat([x_h, x_h.new_zeros(*x_h.shape[:2], pad), x_w], dim=-1)
+        z = _DepthwiseConv1d.apply(seq, weight.float(), bias.float())
+        z_h = F.group_norm(z[..., :h], 4, self.norm_h.weight.float(), self.norm_h.bias.float(), _GN_EPS)
+        z_w = F.group_norm(z[..., h + pad:], 4, self.norm_w.weight.float(), self.norm_w.bias.float(), _GN_EPS)
+        return z_h, z_w
+
+    def _channel_logits(self, y: torch.Tensor) -> torch.Tensor:
+        """PCSA's logits (B, C): self-attention between channels over the pooled tokens.
+
+        q, k, v are per-channel scales (depthwise 1x1 convs). The token mean is taken before
+        ``A @ v`` (it is linear), and SDPA avoids materialising the (d, d) attention map.
+        """
+        b, c = y.shape[:2]
+        y = F.group_norm(y, 1, self.norm.weight.float(), self.norm.bias.float(), _GN_EPS).flatten(2)
+
+        def proj(conv: nn.Conv2d) -> torch.Tensor:
+            t = y * conv.weight.float().view(c, 1)
+            if conv.bias is not None:
+                t = t + conv.bias.float().view(c, 1)
+            return t.view(b, self.head_num, c // self.head_num, -1)
+
+        q, k, v = proj(self.q), proj(self.k), proj(self.v)
+        # v's token mean repeated to q's width: equal head dims let SDPA take its fused kernel
+        v = v.mean(-1, keepdim=True).expand_as(q).contiguous()
+        drop = self.attn_drop_ratio if self.training else 0.0
+        o = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, scale=self.scaler)
+        return o[..., 0].reshape(b, c)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"SCSA({self.channels}) expects (B, {self.channels}, H, W), got {tuple(x.shape)}")
-        names, params = zip(*self.named_parameters())
-        if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params)):
-            return _SCSAFunction.apply(x, self, names, *params)
-        out, _ = _forward(self, x, dict(zip(names, params)), _Graphs(track=False))
-        return out
+        st = _State(self, x)
+        # The gates are computed in fp32 whatever the autocast state; the big tensor keeps x's dtype.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x_h, x_w = _Strips.apply(x, st)
+            z_h, z_w = self._strip_logits(x_h, x_w)
+            y = _Pool.apply(x, z_h, z_w, st)
+            return _Out.apply(self._channel_logits(y), st)
 
     def extra_repr(self) -> str:
         return (f"{self.channels}, head_num={self.head_num}, window_size={self.window_size}, "
