@@ -108,14 +108,13 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         checkpoint_dir = check_writable(run_dir)
         configure_backends(cfg.trainer, cfg.seed, dist_info.rank, device)
-        resume_from = find_resume_checkpoint(str(cfg.resume), checkpoint_dir)
-        tracker = start_tracking(cfg, run_dir, dist_info.is_main, resume_from[1].get("wandb_run_id") if resume_from else None)
-
         loaders = build_loaders(cfg.data, rank=dist_info.rank, world_size=dist_info.world_size, device=device,
                                 seed=cfg.seed, channels_last=cfg.trainer.channels_last)
         model = build_model(cfg, num_classes=len(loaders.classes))
         params, macs = count_params(model), count_macs(model, cfg.data.image_size)
         model.to(device, memory_format=torch.channels_last if cfg.trainer.channels_last else torch.preserve_format)
+        resume_from = find_resume_checkpoint(str(cfg.resume), checkpoint_dir)
+        tracker = start_tracking(cfg, run_dir, dist_info.is_main, resume_from[1].get("wandb_run_id") if resume_from else None)
 
         global_batch = cfg.data.batch_size * dist_info.world_size * cfg.trainer.accum_steps
         lr = scaled_lr(cfg.optim, global_batch)

@@ -35,7 +35,8 @@ def check_overrides(config_name: str, argv: List[str]) -> None:
                           return_hydra_config=True)
     except Exception as e:  # Hydra's composition errors have no common base class
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        fail(f"{first} (check the override against `python {Path(sys.argv[0]).name} --help`)")
+        where = f"cannot parse override '{e.override}': " if getattr(e, "override", None) else ""
+        fail(f"{where}{first} (check the override against `python {Path(sys.argv[0]).name} --help`)")
     finally:
         GlobalHydra.instance().clear()
     check_run_dir(Path(cfg.hydra.run.dir))

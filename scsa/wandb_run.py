@@ -25,7 +25,11 @@ class WandbRun:
         if mode == "offline":
             # wandb-core reports its own crashes over the network unless told not to.
             os.environ.setdefault("WANDB_ERROR_REPORTING", "false")
-        import wandb
+        try:
+            import wandb
+        except ImportError:
+            raise ValueError(f"wandb.mode={mode} needs wandb, which is not installed: "
+                             f"pip install -r requirements.txt, or use wandb.mode=disabled") from None
 
         # mode= outranks WANDB_MODE and offline skips the login, so a stored API key cannot turn
         # an offline run online. finish_previous: Hydra multirun runs its jobs in one process, and
@@ -33,7 +37,8 @@ class WandbRun:
         # died unfinished.
         self._run = wandb.init(project=project, name=name, tags=list(tags), config=config, dir=str(run_dir),
                                mode=mode, id=run_id, resume="allow" if run_id else None,
-                               reinit="finish_previous")
+                               reinit="finish_previous",
+                               settings=wandb.Settings(silent=True, console="off"))  # train.log has the console
         self._run_id = self._run.id
 
     @property

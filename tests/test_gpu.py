@@ -74,6 +74,6 @@ def test_nccl_ddp_step(monkeypatch):
 @pytest.mark.slow
 def test_train_cli_on_gpu(tmp_path):
     result = run_cli(["train.py", "data.loader=torch", "trainer.epochs=1", "trainer.max_steps=30",
-                      "trainer.amp=bf16", f"hydra.run.dir={tmp_path}/run"])
+                      "trainer.amp=bf16", "wandb.mode=disabled", f"hydra.run.dir={tmp_path}/run"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "device=cuda:0" in (tmp_path / "run" / "train.log").read_text()
