@@ -6,12 +6,12 @@ channel self-attention over the pooled tokens and gates the channels. Parameter 
 shapes are the authors', so their checkpoints load with ``strict=True``.
 
 The authors' transcription is memory-bound: it materialises ``x * a_h``, ``x * a_h * a_w``
-and the output, and autograd keeps them all. Here the whole module is one autograd
-Function over the big tensor. Everything that depends on the feature map only through
-small statistics (strip means, pooled map) is a small autograd graph in fp32; the big
-tensor is touched by a handful of broadcast ops, and the backward recovers every gate
-gradient from ``dout * out`` plus the pooling's window sums, so it needs no intermediate
-big tensor from the forward.
+and the output, and autograd keeps them all. Here two autograd Functions touch the big
+tensor: ``_Smsa`` (strip means, the SMSA gates, ``x_s`` and PCSA's pooled map) and ``_Out``
+(``out = x_s * a_c``, in place). Everything else works on small fp32 tensors: the SMSA
+logits by hand inside ``_Smsa``, PCSA's channel attention in plain autograd between the two.
+The backward recovers every gate gradient from ``dout * out`` and the pooling's window
+sums, keeps no big intermediate from the forward, and builds dL/dx in one buffer.
 """
 from typing import Sequence, Tuple
 
@@ -37,37 +37,64 @@ def _gate_backward(a: torch.Tensor, t: torch.Tensor, kind: str, dim: int) -> tor
     return t - a * t.sum(dim, keepdim=True)
 
 
-class _DepthwiseConv1d(torch.autograd.Function):
-    """Depthwise ``conv1d`` with 'same' padding.
+def _strip_logits(st: "_State", x_h: torch.Tensor, x_w: torch.Tensor,
+                  params: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """SMSA's logits for both strips: one depthwise conv, kernels zero-padded to the largest.
 
-    oneDNN computes a grouped conv's weight gradient as one small GEMM per group, which for
-    these (B, C, L) strips costs several times the forward. Here it is one grouped conv over
-    (channel, sample) pairs instead.
+    The H and W strips share the convs, so they run as one sequence with ``k_max // 2``
+    zeros between them: no output position sees both strips. No autograd graph: the
+    backward is ``_strip_backward``.
     """
+    weights, biases, (gn_h_w, gn_h_b, gn_w_w, gn_w_b) = params[0:8:2], params[1:8:2], params[8:]
+    k_max = max(t.shape[-1] for t in weights)
+    pad = k_max // 2
+    weight = torch.cat([F.pad(t, ((k_max - t.shape[-1]) // 2,) * 2) for t in weights])
+    b, c, h = x_h.shape
+    seq = torch.cat([x_h, x_h.new_zeros(b, c, pad), x_w], dim=-1)
+    z = F.conv1d(seq, weight, torch.cat(biases), padding=pad, groups=c)
+    z_h, z_w = z[..., :h].contiguous(), z[..., h + pad:].contiguous()
+    n_h, mean_h, rstd_h = torch.ops.aten.native_group_norm(z_h, gn_h_w, gn_h_b, b, c, h, 4, _GN_EPS)
+    n_w, mean_w, rstd_w = torch.ops.aten.native_group_norm(z_w, gn_w_w, gn_w_b, b, c, z_w.shape[-1], 4, _GN_EPS)
+    st.strip = (seq, weight, [t.shape[-1] for t in weights], (z_h, mean_h, rstd_h, gn_h_w), (z_w, mean_w, rstd_w, gn_w_w))
+    return n_h, n_w
 
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(x, weight)
-        return F.conv1d(x, weight, bias, padding=weight.shape[-1] // 2, groups=weight.shape[0])
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        x, weight = ctx.saved_tensors
-        b, c, length = x.shape
-        pad = weight.shape[-1] // 2
-        grad_x = F.conv1d(grad, weight.flip(-1), padding=pad, groups=c)
-        pairs = F.pad(x, (pad, pad)).transpose(0, 1).reshape(1, c * b, -1)
-        grad_w = F.conv1d(pairs, grad.transpose(0, 1).reshape(c * b, 1, length), groups=c * b)
-        return grad_x, grad_w.view(c, b, -1).sum(1, keepdim=True), grad.sum((0, 2))
+def _strip_backward(st: "_State", dn_h: torch.Tensor, dn_w: torch.Tensor):
+    """Gradients of ``_strip_logits`` w.r.t. the strip means and its twelve parameters.
+
+    oneDNN computes a grouped conv's weight gradient as one small GEMM per group, several
+    times the forward's cost for these strips; here it is one grouped conv over (channel,
+    sample) pairs.
+    """
+    seq, weight, sizes, norm_h, norm_w = st.strip
+    b, c, length = seq.shape
+    dz, dnorm = [], []
+    for dn, (z, mean, rstd, gamma) in ((dn_h, norm_h), (dn_w, norm_w)):
+        dz_i, dgamma, dbeta = torch.ops.aten.native_group_norm_backward(
+            dn.contiguous(), z, mean, rstd, gamma, b, c, z.shape[-1], 4, [True, True, True])
+        dz.append(dz_i)
+        dnorm += [dgamma, dbeta]
+    k_max = weight.shape[-1]
+    pad = k_max // 2
+    h = dz[0].shape[-1]
+    dz = torch.cat([dz[0], dz[0].new_zeros(b, c, pad), dz[1]], dim=-1)
+    dseq = F.conv1d(dz, weight.flip(-1), padding=pad, groups=c)
+    pairs = F.pad(seq, (pad, pad)).transpose(0, 1).reshape(1, c * b, -1)
+    dweight = F.conv1d(pairs, dz.transpose(0, 1).reshape(c * b, 1, length), groups=c * b).view(c, b, k_max).sum(1)
+    dbias = dz.sum((0, 2))
+    g = c // 4
+    dconv = []
+    for i, k in enumerate(sizes):
+        start = (k_max - k) // 2
+        dconv += [dweight[i * g:(i + 1) * g, None, start:start + k], dbias[i * g:(i + 1) * g]]
+    return dseq[..., :h], dseq[..., h + pad:], dconv + dnorm
 
 
 class _State:
     """What the three Functions of one SCSA call share.
 
-    The big gradient dL/dx is assembled across their backwards, which autograd runs in
-    reverse order (_Out, _Pool, _Strips: each one's outputs feed the next one's inputs),
-    and returned once, by _Strips: no partial big gradients to add up.
+    The big gradient dL/dx is started in _Out's backward and finished in _Smsa's, which
+    autograd runs later (y feeds _Out): no partial big gradients to add up.
 
     Small per-row/per-column tensors that meet the big one are laid out like it (C innermost
     for channels_last), so broadcasts and reductions run along its contiguous axis.
@@ -96,38 +123,23 @@ class _State:
         return torch.sum(t, dim, keepdim=True, out=out).squeeze(dim)
 
 
-class _Strips(torch.autograd.Function):
-    """x -> its means over W and over H (fp32); the backward finishes dL/dx."""
+class _Smsa(torch.autograd.Function):
+    """x -> PCSA's pooled map of ``x_s = x * a_h * a_w`` (SMSA inside); keeps x_s for _Out.
+
+    Its backward runs after _Out's (y feeds _Out through the channel attention), adds the
+    pooling's share to the gate gradients and returns the whole dL/dx.
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, st: _State) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(ctx, x: torch.Tensor, st: "_State", *params: torch.Tensor) -> torch.Tensor:
         ctx.st = st
         h, w = x.shape[2:]
-        return st.sum(x, 3).float() / w, st.sum(x, 2).float() / h
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_h: torch.Tensor, g_w: torch.Tensor):
-        st = ctx.st
-        dx, st.dx = st.dx, None
-        h, w = dx.shape[2:]
-        dx.mul_(st.lay(st.a_h, dx.dtype)[..., None])
-        dx.add_(st.lay(g_h / w, dx.dtype)[..., None])
-        dx.add_(st.lay(g_w / h, dx.dtype)[:, :, None, :])
-        return dx, None
-
-
-class _Pool(torch.autograd.Function):
-    """(x, SMSA logits) -> PCSA's pooled map of ``x_s = x * a_h * a_w``; x_s is kept for _Out."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, z_h: torch.Tensor, z_w: torch.Tensor, st: _State) -> torch.Tensor:
-        ctx.st = st
+        z_h, z_w = _strip_logits(st, st.sum(x, 3).float() / w, st.sum(x, 2).float() / h, params)
         st.a_h, st.a_w = _gate(z_h, st.kind, -1), _gate(z_w, st.kind, -1)
         xs = x * st.lay(st.a_w, x.dtype)[:, :, None, :]
         xs.mul_(st.lay(st.a_h, x.dtype)[..., None])
         st.xs = xs
-        (wh, ww), (h, w) = st.window, x.shape[2:]
+        (wh, ww) = st.window
         hp, wp = h // wh, w // ww
         if st.max_pool:
             y, st.idx = F.max_pool2d(xs, (wh, ww), (wh, ww), return_indices=True)  # idx: flat h * W + w
@@ -158,8 +170,11 @@ class _Pool(torch.autograd.Function):
                               (0, h - hc))
             t_w = t_w + F.pad((st.cols.float().unflatten(3, (wp, ww)) * u[..., None]).sum(2).flatten(2),
                               (0, w - wc))
-        if st.dx is not None:  # dx = dout * a_w * a_c so far; add a_w * dL/dx_s (a_h comes last)
-            dx = st.dx
+        g_h, g_w, dparams = _strip_backward(
+            st, _gate_backward(st.a_h, t_h, st.kind, -1), _gate_backward(st.a_w, t_w, st.kind, -1))
+        dx, st.dx = st.dx, None
+        if dx is not None:
+            # dx = dout * a_w * a_c so far; add a_w * dL/dx_s, then * a_h, then the strip means' share
             if st.idx is not None:
                 hi, wi = idx.div(w, rounding_mode="floor"), idx.remainder(w)
                 bi = torch.arange(b, device=dx.device).view(b, 1, 1)
@@ -170,11 +185,14 @@ class _Pool(torch.autograd.Function):
                 spread = u[..., None].expand(b, c, hp, wp, ww).flatten(3)  # (B, C, Hp, Wc)
                 spread = st.lay(F.pad(spread, (0, w - wc)) * st.a_w[:, :, None, :], dx.dtype)
                 dx[:, :, :hc].unflatten(2, (hp, wh)).add_(spread[:, :, :, None])
-        return None, _gate_backward(st.a_h, t_h, st.kind, -1), _gate_backward(st.a_w, t_w, st.kind, -1), None
+            dx.mul_(st.lay(st.a_h, dx.dtype)[..., None])
+            dx.add_(st.lay(g_h / w, dx.dtype)[..., None])
+            dx.add_(st.lay(g_w / h, dx.dtype)[:, :, None, :])
+        return (dx, None, *dparams)
 
 
 class _Out(torch.autograd.Function):
-    """PCSA logits -> ``out = x_s * a_c``, in place in _Pool's x_s."""
+    """PCSA logits -> ``out = x_s * a_c``, in place in _Smsa's x_s."""
 
     @staticmethod
     def forward(ctx, z_c: torch.Tensor, st: _State) -> torch.Tensor:
@@ -259,24 +277,6 @@ class SCSA(nn.Module):
             return h, w
         return min(self.window_size, h), min(self.window_size, w)
 
-    def _strip_logits(self, x_h: torch.Tensor, x_w: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """SMSA's logits for both strips: one depthwise conv, kernels zero-padded to the largest.
-
-        The H and W strips share the convs, so they run as one sequence with ``k_max // 2``
-        zeros between them: no output position sees both strips.
-        """
-        k_max = max(self.group_kernel_sizes)
-        pad = k_max // 2
-        convs = [getattr(self, n) for n in _STRIP_CONVS]
-        weight = torch.cat([F.pad(m.weight, ((k_max - m.kernel_size[0]) // 2,) * 2) for m in convs])
-        bias = torch.cat([m.bias for m in convs])
-        h = x_h.shape[-1]
-        seq = torch.cat([x_h, x_h.new_zeros(*x_h.shape[:2], pad), x_w], dim=-1)
-        z = _DepthwiseConv1d.apply(seq, weight.float(), bias.float())
-        z_h = F.group_norm(z[..., :h], 4, self.norm_h.weight.float(), self.norm_h.bias.float(), _GN_EPS)
-        z_w = F.group_norm(z[..., h + pad:], 4, self.norm_w.weight.float(), self.norm_w.bias.float(), _GN_EPS)
-        return z_h, z_w
-
     def _channel_logits(self, y: torch.Tensor) -> torch.Tensor:
         """PCSA's logits (B, C): self-attention between channels over the pooled tokens.
 
@@ -303,11 +303,11 @@ class SCSA(nn.Module):
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"SCSA({self.channels}) expects (B, {self.channels}, H, W), got {tuple(x.shape)}")
         st = _State(self, x)
+        strip_params = [t for n in _STRIP_CONVS for t in (getattr(self, n).weight, getattr(self, n).bias)]
+        strip_params += [self.norm_h.weight, self.norm_h.bias, self.norm_w.weight, self.norm_w.bias]
         # The gates are computed in fp32 whatever the autocast state; the big tensor keeps x's dtype.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x_h, x_w = _Strips.apply(x, st)
-            z_h, z_w = self._strip_logits(x_h, x_w)
-            y = _Pool.apply(x, z_h, z_w, st)
+            y = _Smsa.apply(x, st, *(t.float() for t in strip_params))
             return _Out.apply(self._channel_logits(y), st)
 
     def extra_repr(self) -> str:
