@@ -83,3 +83,9 @@ def test_evaluate_truncated_checkpoint(tmp_path):
     broken.write_bytes(b"PK\x03\x04 not really a checkpoint")
     result = run_cli(["evaluate.py", f"checkpoint={broken}"])
     assert_one_line_error(result, "truncated or corrupt")
+
+
+def test_attention_option_that_cannot_build(tmp_path, tiny_data):
+    result = run_cli(["train.py", *FAST[:-1], "attention=scsa", "attention.kwargs.head_num=3",
+                      f"data.root={tiny_data}", f"hydra.run.dir={tmp_path}/run"])
+    assert_one_line_error(result, "head_num")
