@@ -333,3 +333,17 @@ def test_default_init_is_the_authors():
         assert abs(conv.weight.std().item() - math.sqrt(2 / 256)) < 0.2 * math.sqrt(2 / 256)
     for norm in (module.norm_h, module.norm_w, module.norm):
         assert torch.equal(norm.weight, torch.ones(256)) and torch.equal(norm.bias, torch.zeros(256))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("shape,kwargs", [CASES[0], CASES[1], CASES[5], CASES[6], ((4, 512, 7, 7), {})])
+def test_fast_scsa_equals_reference_on_cuda(shape, kwargs):
+    torch.manual_seed(9)
+    fast, ref = pair(shape[1], **kwargs)
+    fast, ref = fast.cuda(), ref.cuda()
+    x, grad = torch.randn(shape, device="cuda"), torch.randn(shape, device="cuda")
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=False):
+        assert_same(fast, ref, x, grad, tol=1e-4)  # CUDA kernels sum in other orders
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = fast(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
