@@ -12,12 +12,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-import scsa
 import scsa.config  # noqa: F401  (registers the resolvers conf/ uses)
 from data import build_loaders
 from scsa.cli import hydra_entry_point, run_task
 from scsa.compare import write_comparison
 from scsa.complexity import count_macs, count_params
+from scsa.models import create_model_from_config
 from scsa.engine import distributed
 from scsa.engine.checkpoint import load_checkpoint
 from scsa.engine.evaluator import evaluate
@@ -56,9 +56,7 @@ def run(cfg: DictConfig) -> dict:
         if loaders.classes != checkpoint["classes"]:
             raise UserError(f"the data's {len(loaders.classes)} classes differ from the checkpoint's "
                             f"{len(checkpoint['classes'])}: evaluate on the dataset the model was trained on")
-        model = scsa.create_model(stored["model"]["name"], stored["attention"]["name"],
-                                  num_classes=len(checkpoint["classes"]), position=stored["attention"]["position"],
-                                  drop_rate=stored["model"]["drop_rate"], **stored["attention"]["kwargs"])
+        model = create_model_from_config(stored["model"], stored["attention"], len(checkpoint["classes"]))
         model.load_state_dict(checkpoint["model"])
         model.to(device)
         metrics = evaluate(model, loaders.val, Precision(cfg.amp, device), device)

@@ -15,11 +15,11 @@ from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import random_seed
 
-import scsa
 import scsa.config  # noqa: F401  (registers the resolvers conf/ uses)
 from data import build_loaders
 from scsa.cli import hydra_entry_point, run_task
 from scsa.complexity import count_macs, count_params
+from scsa.models import create_model_from_config
 from scsa.engine import distributed
 from scsa.engine.checkpoint import load_checkpoint, load_latest, previous_path
 from scsa.engine.precision import Precision
@@ -38,9 +38,7 @@ def scaled_lr(optim: DictConfig, global_batch: int) -> float:
 
 def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
     try:
-        return scsa.create_model(cfg.model.name, cfg.attention.name, num_classes=num_classes,
-                                 position=cfg.attention.position, drop_rate=cfg.model.drop_rate,
-                                 **cfg.attention.kwargs)
+        return create_model_from_config(cfg.model, cfg.attention, num_classes)
     except (ValueError, TypeError) as e:
         raise UserError(f"cannot build model={cfg.model.name} attention={cfg.attention.name}: {e}") from None
 

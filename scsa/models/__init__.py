@@ -1,3 +1,3 @@
-from scsa.models.factory import MODELS, create_model
+from scsa.models.factory import MODELS, create_model, create_model_from_config
 
-__all__ = ["MODELS", "create_model"]
+__all__ = ["MODELS", "create_model", "create_model_from_config"]

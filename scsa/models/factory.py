@@ -1,6 +1,6 @@
 """``create_model``: a backbone with a plug-in attention module at a chosen position."""
 from functools import partial
-from typing import Optional
+from typing import Any, Mapping, Optional
 
 import torch.nn as nn
 
@@ -31,3 +31,9 @@ def create_model(name: str, attention: str = "none", num_classes: int = 1000,
     if name == "mobilenetv2":
         return build_mobilenetv2(attn_layer, position, num_classes, **extra)
     return build_resnet(name, attn_layer, position, num_classes, **extra)
+
+
+def create_model_from_config(model: Mapping[str, Any], attention: Mapping[str, Any], num_classes: int) -> nn.Module:
+    """``create_model`` from the ``model`` and ``attention`` config groups (a run's, or a checkpoint's)."""
+    return create_model(model["name"], attention["name"], num_classes=num_classes, position=attention["position"],
+                        drop_rate=model["drop_rate"], **attention["kwargs"])
