@@ -72,10 +72,10 @@ def module_step(module: nn.Module, shape, precision: str) -> Callable[[], None]:
     return step
 
 
-def bench_modules(rounds: int, warmup: int) -> List[dict]:
+def bench_modules(rounds: int, warmup: int, precisions: List[str]) -> List[dict]:
     rows = []
     for shape in STAGE_SHAPES:
-        for precision in PRECISIONS:
+        for precision in precisions:
             torch.manual_seed(0)
             fast = SCSA(shape[1])
             ref = ReferenceSCSA(shape[1])
@@ -105,11 +105,12 @@ def train_step(model: nn.Module, precision: str, batch: int, channels_last: bool
     return step
 
 
-def bench_models(rounds: int, warmup: int, batch: int, channels_last: bool, budget_s: float) -> List[dict]:
+def bench_models(rounds: int, warmup: int, batch: int, channels_last: bool, budget_s: float,
+                 precisions: List[str]) -> List[dict]:
     register_attention("scsa_reference", ReferenceSCSA)
     variants = {"none": "none", "scsa": "scsa", "scsa_reference": "scsa_reference", "se": "se"}
     rows = []
-    for precision in PRECISIONS:
+    for precision in precisions:
         torch.manual_seed(0)
         steps = {name: train_step(scsa.create_model("resnet50", attention=attn), precision, batch, channels_last)
                  for name, attn in variants.items()}
@@ -155,6 +156,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=600,
                         help="time for the timed rounds of each ResNet-50 precision (bf16 is very slow on "
                              "CPUs without native bf16): rounds are cut to fit, to no fewer than 3")
+    parser.add_argument("--precisions", nargs="+", choices=PRECISIONS, default=list(PRECISIONS))
     parser.add_argument("--skip-modules", action="store_true")
     parser.add_argument("--skip-models", action="store_true")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bench_scsa.json")
@@ -166,10 +168,11 @@ def main() -> None:
                   batch=args.batch, channels_last=args.channels_last, modules=[], models=[])
     if not args.skip_modules:
         print("SCSA module, forward + backward:", flush=True)
-        result["modules"] = bench_modules(module_rounds, warmup)
+        result["modules"] = bench_modules(module_rounds, warmup, args.precisions)
     if not args.skip_models:
         print("ResNet-50 training step:", flush=True)
-        result["models"] = bench_models(model_rounds, warmup, args.batch, args.channels_last, args.budget_s)
+        result["models"] = bench_models(model_rounds, 1, args.batch, args.channels_last, args.budget_s,
+                                        args.precisions)  # one warm-up round: a training step is long
     print()
     print(markdown(result))
     args.out.parent.mkdir(parents=True, exist_ok=True)

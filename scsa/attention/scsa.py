@@ -55,7 +55,8 @@ def _strip_logits(st: "_State", x_h: torch.Tensor, x_w: torch.Tensor,
     z_h, z_w = z[..., :h].contiguous(), z[..., h + pad:].contiguous()
     n_h, mean_h, rstd_h = torch.ops.aten.native_group_norm(z_h, gn_h_w, gn_h_b, b, c, h, 4, _GN_EPS)
     n_w, mean_w, rstd_w = torch.ops.aten.native_group_norm(z_w, gn_w_w, gn_w_b, b, c, z_w.shape[-1], 4, _GN_EPS)
-    st.strip = (seq, weight, [t.shape[-1] for t in weights], (z_h, mean_h, rstd_h, gn_h_w), (z_w, mean_w, rstd_w, gn_w_w))
+    st.strip = (seq, weight, [t.shape[-1] for t in weights],
+                (z_h, mean_h, rstd_h, gn_h_w), (z_w, mean_w, rstd_w, gn_w_w))
     return n_h, n_w
 
 
