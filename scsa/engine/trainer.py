@@ -90,7 +90,7 @@ class Trainer:
     def save(self, name: str, metrics: Optional[Dict[str, Any]] = None) -> None:
         """Write a checkpoint from rank 0; every rank calls this (loader positions are gathered)."""
         loader_states = gather_objects(self.loaders.train.state_dict())
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+        if not all(torch.isfinite(t).all() for t in self.model.state_dict().values() if t.is_floating_point()):
             self.tracker.warning(f"not writing {name}: the model has non-finite weights at step {self.state.step}")
             return
         if self.dist.is_main:
