@@ -1,6 +1,6 @@
 """Evaluate a checkpoint, or compare the runs of a sweep.
 
-``python evaluate.py checkpoint=PATH [data overrides]`` prints, as its last stdout line, one
+``python evaluate.py checkpoint=PATH [ema=true] [data overrides]`` prints, as its last stdout line, one
 JSON object with top1, top5, loss, images, params and flops (MACs per image at the
 evaluation resolution). ``python evaluate.py compare=MULTIRUN_DIR`` writes comparison.md,
 comparison.csv and comparison.png into that folder and prints the table.
@@ -34,6 +34,15 @@ def data_config(cfg: DictConfig, stored: dict) -> DictConfig:
     return data
 
 
+def weights_key(cfg: DictConfig, checkpoint: dict) -> str:
+    """``model``, or ``model_ema`` with ema=true (the average kept by trainer.model_ema=true)."""
+    if not cfg.ema:
+        return "model"
+    if "model_ema" not in checkpoint:
+        raise UserError(f"'{cfg.checkpoint}' holds no EMA weights: train with trainer.model_ema=true, or drop ema=true")
+    return "model_ema"
+
+
 def compare(sweep_dir: str) -> None:
     try:
         write_comparison(Path(sweep_dir))
@@ -47,8 +56,10 @@ def run(cfg: DictConfig) -> dict:
     if "config" not in checkpoint or "model" not in checkpoint:
         raise UserError(f"'{cfg.checkpoint}' is not a train.py checkpoint (no model/config): "
                         f"pass checkpoints/last.pt or best.pt from a run dir")
+    weights = checkpoint[weights_key(cfg, checkpoint)]
     stored = checkpoint["config"]
     dist_info, device = distributed.init_distributed(cfg.device)
+    finished = False
     try:
         data = data_config(cfg, stored["data"])
         loaders = build_loaders(data, rank=dist_info.rank, world_size=dist_info.world_size, device=device,
@@ -57,17 +68,18 @@ def run(cfg: DictConfig) -> dict:
             raise UserError(f"the data's {len(loaders.classes)} classes differ from the checkpoint's "
                             f"{len(checkpoint['classes'])}: evaluate on the dataset the model was trained on")
         model = create_model_from_config(stored["model"], stored["attention"], len(checkpoint["classes"]))
-        model.load_state_dict(checkpoint["model"])
+        model.load_state_dict(weights)
         model.to(device)
         metrics = evaluate(model, loaders.val, Precision(cfg.amp, device), device)
         result = {**metrics, "params": count_params(model), "flops": count_macs(model, data.image_size),
                   "model": stored["model"]["name"], "attention": stored["attention"]["name"],
-                  "image_size": data.image_size, "checkpoint": cfg.checkpoint}
+                  "image_size": data.image_size, "checkpoint": cfg.checkpoint, "ema": bool(cfg.ema)}
         if dist_info.is_main:
             print(json.dumps(result))
+        finished = True
         return result
     finally:
-        distributed.cleanup()
+        distributed.cleanup(synchronize=finished)
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")

@@ -11,6 +11,7 @@ from typing import Iterator, List, Tuple
 import torch
 from omegaconf import DictConfig
 from timm.data.loader import PrefetchLoader
+from timm.data.random_erasing import RandomErasing
 
 from data.folder import check_dataset_root, read_bad_files
 from data.torch_loader import build_torch_loaders
@@ -56,6 +57,24 @@ class DeviceLoader:
             yield images, labels
 
 
+class RandomErasingLoader:
+    """timm's random erasing on a loader's normalised device batches (either backend)."""
+
+    def __init__(self, loader, probability: float, device: torch.device):
+        self.loader = loader
+        self.erase = RandomErasing(probability, mode="pixel", device=device)
+
+    def __getattr__(self, name: str):
+        return getattr(self.loader, name)  # set_epoch, state_dict, load_state_dict, ...
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.loader:
+            yield self.erase(images), labels
+
+
 def resolve_backend(requested: str) -> str:
     """``auto`` picks DALI where it is installed, else torchvision."""
     if requested not in ("auto", "dali", "torch"):
@@ -82,12 +101,15 @@ def build_loaders(cfg: DictConfig, *, rank: int, world_size: int, device: torch.
     backend = resolve_backend(cfg.loader)
     common = dict(batch_size=cfg.batch_size, image_size=cfg.image_size, val_resize=cfg.val_resize,
                   scale=tuple(cfg.scale), ratio=tuple(cfg.ratio), hflip=cfg.hflip, workers=cfg.workers,
-                  rank=rank, world_size=world_size, seed=seed, skip_files=skip_files)
+                  rank=rank, world_size=world_size, seed=seed, skip_files=skip_files,
+                  randaugment_n=cfg.get("randaugment_n", 0), randaugment_m=cfg.get("randaugment_m", 9))
     if backend == "dali":
         from data.dali import build_dali_loaders
         train, val = build_dali_loaders(cfg.root, mean=cfg.mean, std=cfg.std, device=device,
                                         channels_last=channels_last, **common)
-        return Loaders(train, val, classes, backend)
-    train, val, _ = build_torch_loaders(cfg.root, pin_memory=device.type == "cuda", **common)
-    return Loaders(DeviceLoader(train, cfg.mean, cfg.std, device, channels_last),
-                   DeviceLoader(val, cfg.mean, cfg.std, device, channels_last), classes, backend)
+    else:
+        train, val, _ = build_torch_loaders(cfg.root, pin_memory=device.type == "cuda", **common)
+        train, val = (DeviceLoader(loader, cfg.mean, cfg.std, device, channels_last) for loader in (train, val))
+    if cfg.get("re_prob", 0) > 0:
+        train = RandomErasingLoader(train, cfg.re_prob, device)
+    return Loaders(train, val, classes, backend)

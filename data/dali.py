@@ -25,7 +25,8 @@ from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_datas
 from scsa.errors import UserError
 
 try:
-    from nvidia.dali import Pipeline, fn, types
+    from nvidia.dali import Pipeline, fn, pipeline_def, types
+    from nvidia.dali.auto_aug import rand_augment
     from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 except ImportError:  # dali_available() reports it; building a loader then fails with a clear message
     Pipeline = None
@@ -36,6 +37,7 @@ PREFETCH = 2  # batches DALI runs ahead of the consumer
 # JPEGs, so the decoder never reallocates mid-training.
 DEVICE_MEMORY_PADDING = 211025920
 HOST_MEMORY_PADDING = 140544512
+RANDAUGMENT_LEVELS = 10  # timm's magnitude scale: m=10 is each op's strongest setting
 # DALI type names (DALI may be missing at import). DALI has no bfloat16 output: float32, cast once on the device.
 _DALI_DTYPES = {torch.float32: "FLOAT", torch.float16: "FLOAT16", torch.bfloat16: "FLOAT"}
 
@@ -78,8 +80,13 @@ def _read(root: str, files: Sequence[str], labels: Sequence[int], *, train: bool
 
 def _augment(jpegs, *, train: bool, gpu: bool, image_size: int, val_resize: int, scale: Sequence[float],
              ratio: Sequence[float], hflip: float, mean: Sequence[float], std: Sequence[float],
-             output_dtype: torch.dtype, channels_last: bool):
-    """Decode + crop + flip + normalise; one graph for CPU and GPU (only the decoder device differs)."""
+             output_dtype: torch.dtype, channels_last: bool, randaugment_n: int = 0, randaugment_m: int = 9):
+    """Decode + crop (+ RandAugment) + flip + normalise; one graph for CPU and GPU (only the decoder
+    device differs).
+
+    RandAugment is DALI's, on timm's magnitude scale (``m`` of 10 steps to the strongest) and
+    after the crop, as timm orders it; its op list is the paper's, close to but not exactly timm's.
+    """
     decoder = dict(device="mixed", device_memory_padding=DEVICE_MEMORY_PADDING,
                    host_memory_padding=HOST_MEMORY_PADDING) if gpu else dict(device="cpu")
     resize = dict(interp_type=types.INTERP_LINEAR, antialias=True)  # torchvision's antialiased bilinear
@@ -90,6 +97,10 @@ def _augment(jpegs, *, train: bool, gpu: bool, image_size: int, val_resize: int,
         images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=list(scale),
                                                random_aspect_ratio=list(ratio), **decoder)
         images = fn.resize(images, resize_x=image_size, resize_y=image_size, **resize)
+        if randaugment_n > 0:
+            images = rand_augment.rand_augment(images, n=randaugment_n, m=randaugment_m,
+                                               num_magnitude_bins=RANDAUGMENT_LEVELS + 1,
+                                               shape=(image_size, image_size), fill_value=128)
         return fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(probability=hflip), **normalize)
     images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
     # subpixel_scale=False scales each axis to its rounded size, as PIL does (341 px, not 341.33, for 500x375).
@@ -122,19 +133,20 @@ class DaliLoader:
 
     def _pipeline(self, checkpoint: Optional[bytes] = None, reader_only: bool = False) -> "Pipeline":
         # Augmentation streams differ per rank; the shuffle seed is shared so shards stay disjoint.
-        pipe = Pipeline(batch_size=self.batch_size, num_threads=self.workers, seed=self.seed + self.rank,
-                        device_id=None if reader_only else self.device_id, prefetch_queue_depth=PREFETCH,
-                        enable_checkpointing=True, checkpoint=checkpoint)
-        with pipe:
+        # RandAugment picks its ops per sample with DALI's conditionals, which pipeline_def enables.
+        @pipeline_def(enable_conditionals=self.train and self.augment.get("randaugment_n", 0) > 0)
+        def graph():
             jpegs, labels = _read(self.root, self.files, self.labels, train=self.train, rank=self.rank,
                                   world_size=self.world_size, seed=self.seed)
             if reader_only:
-                pipe.set_outputs(jpegs)
-            else:
-                images = _augment(jpegs, train=self.train, gpu=self.gpu, output_dtype=self.output_dtype,
-                                  channels_last=self.channels_last, **self.augment)
-                pipe.set_outputs(images, labels.gpu() if self.gpu else labels)
-        return pipe
+                return jpegs
+            images = _augment(jpegs, train=self.train, gpu=self.gpu, output_dtype=self.output_dtype,
+                              channels_last=self.channels_last, **self.augment)
+            return images, labels.gpu() if self.gpu else labels
+
+        return graph(batch_size=self.batch_size, num_threads=self.workers, seed=self.seed + self.rank,
+                     device_id=None if reader_only else self.device_id, prefetch_queue_depth=PREFETCH,
+                     enable_checkpointing=True, checkpoint=checkpoint)
 
     def _iterator(self, checkpoint: Optional[bytes] = None) -> "DALIGenericIterator":
         # FILL keeps the padded rows; __iter__ strips them itself (see the module docstring). No batch
@@ -268,6 +280,7 @@ def build_dali_loaders(root: str, *, batch_size: int, image_size: int, val_resiz
                        std: Sequence[float], scale: Tuple[float, float], ratio: Tuple[float, float], hflip: float,
                        workers: int, rank: int, world_size: int, device: torch.device, seed: int,
                        output_dtype: torch.dtype = torch.float32, channels_last: bool = False,
+                       randaugment_n: int = 0, randaugment_m: int = 9,
                        skip_files: Collection[str] = ()) -> Tuple[DaliLoader, DaliLoader]:
     """This rank's (train, val) loaders over ``root/train`` and ``root/val``.
 
@@ -281,7 +294,7 @@ def build_dali_loaders(root: str, *, batch_size: int, image_size: int, val_resiz
     if output_dtype not in _DALI_DTYPES:
         raise ValueError(f"output_dtype must be one of {list(_DALI_DTYPES)}, got {output_dtype}")
     augment = dict(image_size=image_size, val_resize=val_resize, scale=scale, ratio=ratio, hflip=hflip,
-                   mean=mean, std=std)
+                   mean=mean, std=std, randaugment_n=randaugment_n, randaugment_m=randaugment_m)
     common = dict(batch_size=batch_size, workers=workers, rank=rank, world_size=world_size, device=device,
                   seed=seed, output_dtype=output_dtype, channels_last=channels_last, augment=augment)
     train_files, train_labels, classes = list_images(root, "train", skip_files)

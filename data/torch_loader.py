@@ -4,14 +4,18 @@ Workers decode and crop; normalisation happens on the device (timm's PrefetchLoa
 so only uint8 crosses the host-device link.
 """
 import logging
+import random
 from pathlib import Path
 from typing import Collection, Iterator, List, Sequence, Tuple, Union
 
+import numpy as np
 import torch
+from timm.data.auto_augment import rand_augment_transform
 from torch.utils.data import DataLoader, DistributedSampler, Sampler
 from torchvision import datasets, transforms
 
 log = logging.getLogger(__name__)
+FILL_RGB = (124, 116, 104)  # RandAugment fills uncovered pixels with the ImageNet mean
 
 
 class SafeImageFolder(datasets.ImageFolder):
@@ -29,13 +33,21 @@ class SafeImageFolder(datasets.ImageFolder):
             p.lower().endswith(datasets.folder.IMG_EXTENSIONS) and p not in skip))
 
     def __getitem__(self, item: Union[int, Tuple[int, int]]):
-        """``item`` is an index, or (index, seed): then the augmentation draws from that seed alone."""
+        """``item`` is an index, or (index, seed): then the augmentation draws from that seed alone
+        (torch's generator, and Python's and NumPy's, which timm's RandAugment uses)."""
         index, seed = item if isinstance(item, tuple) else (item, None)
         if seed is None:
             return self._load(index)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self._load(index)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                random.seed(seed)
+                np.random.seed(seed % 2**32)
+                return self._load(index)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
     def _load(self, index: int):
         try:
@@ -82,12 +94,15 @@ class ShardSampler(Sampler[int]):
         return len(self.indices)
 
 
-def train_transform(image_size: int, scale: Sequence[float], ratio: Sequence[float], hflip: float):
-    return transforms.Compose([
-        transforms.RandomResizedCrop(image_size, scale=tuple(scale), ratio=tuple(ratio), antialias=True),
-        transforms.RandomHorizontalFlip(hflip),
-        transforms.PILToTensor(),
-    ])
+def train_transform(image_size: int, scale: Sequence[float], ratio: Sequence[float], hflip: float,
+                    randaugment_n: int = 0, randaugment_m: int = 9):
+    """RandomResizedCrop + flip (the paper's), then timm's RandAugment when ``randaugment_n`` > 0."""
+    steps = [transforms.RandomResizedCrop(image_size, scale=tuple(scale), ratio=tuple(ratio), antialias=True),
+             transforms.RandomHorizontalFlip(hflip)]
+    if randaugment_n > 0:
+        steps.append(rand_augment_transform(f"rand-m{randaugment_m}-n{randaugment_n}",
+                                            dict(translate_const=int(image_size * 0.45), img_mean=FILL_RGB)))
+    return transforms.Compose([*steps, transforms.PILToTensor()])
 
 
 def val_transform(image_size: int, val_resize: int):
@@ -100,10 +115,12 @@ def val_transform(image_size: int, val_resize: int):
 
 def build_torch_loaders(root: str, *, batch_size: int, image_size: int, val_resize: int,
                         scale: Sequence[float], ratio: Sequence[float], hflip: float, workers: int,
-                        rank: int, world_size: int, seed: int, pin_memory: bool,
+                        rank: int, world_size: int, seed: int, pin_memory: bool, randaugment_n: int = 0,
+                        randaugment_m: int = 9,
                         skip_files: Collection[str] = ()) -> Tuple[DataLoader, DataLoader, List[str]]:
     """uint8 NCHW train/val loaders sharded over ``world_size`` ranks, and the class names."""
-    train_set = SafeImageFolder(f"{root}/train", train_transform(image_size, scale, ratio, hflip), skip_files)
+    augment = train_transform(image_size, scale, ratio, hflip, randaugment_n, randaugment_m)
+    train_set = SafeImageFolder(f"{root}/train", augment, skip_files)
     val_set = SafeImageFolder(f"{root}/val", val_transform(image_size, val_resize), skip_files)
     common = dict(batch_size=batch_size, num_workers=workers, pin_memory=pin_memory,
                   persistent_workers=workers > 0)

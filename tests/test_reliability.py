@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from scsa.engine.checkpoint import load_checkpoint, previous_path, save_atomic
+from scsa.engine.checkpoint import keep_epoch_copy, load_checkpoint, previous_path, save_atomic
 from scsa.errors import EXIT_PREEMPTED, UserError
 from tests.conftest import REPO, run_cli
 
@@ -168,3 +168,13 @@ def test_keep_previous_rotates(tmp_path):
     save_atomic({"step": 2}, path, keep_previous=True)
     assert torch.load(path, weights_only=True) == {"step": 2}
     assert torch.load(previous_path(path), weights_only=True) == {"step": 1}
+
+
+def test_keep_last_n_epoch_checkpoints(tmp_path):
+    last = tmp_path / "last.pt"
+    for epoch in range(5):
+        save_atomic({"epoch": epoch}, last, keep_previous=True)
+        keep_epoch_copy(last, epoch, keep=2)
+    assert sorted(p.name for p in tmp_path.glob("epoch_*.pt")) == ["epoch_0003.pt", "epoch_0004.pt"]
+    assert torch.load(tmp_path / "epoch_0003.pt", weights_only=True) == {"epoch": 3}  # a link keeps its bytes
+    assert torch.load(last, weights_only=True) == {"epoch": 4}

@@ -1,6 +1,7 @@
 """Checkpoints: atomic writes and safe (weights-only) loads."""
 import os
 import pickle
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -38,6 +39,22 @@ def save_atomic(state: Dict[str, Any], path: Path, keep_previous: bool = False) 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def keep_epoch_copy(last: Path, epoch: int, keep: int) -> None:
+    """Keep ``last`` as ``epoch_<N>.pt`` and delete all but the newest ``keep`` of those.
+
+    A hard link where the file system has them: no second write (``last`` is replaced by a
+    rename at the next save, so the link keeps this epoch's bytes).
+    """
+    kept = last.with_name(f"epoch_{epoch:04d}.pt")
+    kept.unlink(missing_ok=True)
+    try:
+        os.link(last, kept)
+    except OSError:
+        shutil.copyfile(last, kept)
+    for old in sorted(last.parent.glob("epoch_*.pt"))[:-keep]:
+        old.unlink()
 
 
 def load_latest(candidates: List[Path], warn: Callable[[str], None]) -> Optional[Tuple[Path, Dict[str, Any]]]:

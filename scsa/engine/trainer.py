@@ -12,11 +12,13 @@ from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from timm.utils import distribute_bn
+from timm.data import Mixup
+from timm.data.mixup import mixup_target
+from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3, distribute_bn
 
 from data import Loaders
-from scsa.engine.checkpoint import save_atomic
+from scsa.engine.checkpoint import keep_epoch_copy, save_atomic
 from scsa.engine.distributed import DistInfo, all_reduce_sum, gather_objects, replicas_identical
 from scsa.engine.evaluator import evaluate
 from scsa.engine.precision import Precision
@@ -49,6 +51,29 @@ class TrainState:
     skipped_steps: int = 0    # steps skipped for a non-finite loss or gradient
 
 
+def build_mixup(cfg: Any, num_classes: int) -> Optional[Mixup]:
+    """timm's Mixup/CutMix (with label smoothing folded into its soft targets), or None if both are off."""
+    if cfg.mixup <= 0 and cfg.cutmix <= 0:
+        return None
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
+                 switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing, num_classes=num_classes)
+
+
+def mix_batch(mixup: Optional[Mixup], images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) unchanged without mixup, else mixed images and soft targets.
+
+    timm's Mixup pairs a batch with its reverse, so an odd batch (only an epoch's last can be)
+    leaves its last image out, and a single image is not mixed (its targets are still smoothed).
+    """
+    if mixup is None:
+        return images, labels
+    if len(images) == 1:
+        return images, mixup_target(labels, mixup.num_classes, 1.0, mixup.label_smoothing)
+    if len(images) % 2:
+        images, labels = images[:-1], labels[:-1]
+    return mixup(images, labels)
+
+
 class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, loaders: Loaders,
                  precision: Precision, dist: DistInfo, device: torch.device, tracker: Tracker,
@@ -62,6 +87,10 @@ class Trainer:
         self.cfg, self.checkpoint_cfg = cfg.trainer, cfg.checkpoint
         self.meta = meta                    # config, classes, params, flops: stored in checkpoints
         self.state = TrainState()
+        self.mixup = build_mixup(self.cfg, len(loaders.classes))
+        self.criterion = SoftTargetCrossEntropy() if self.mixup else nn.CrossEntropyLoss(
+            label_smoothing=self.cfg.label_smoothing)
+        self.ema = ModelEmaV3(model, decay=self.cfg.model_ema_decay) if self.cfg.model_ema else None
         self.accum_steps = int(self.cfg.accum_steps)
         self.nonfinite_in_a_row = 0
         self.last_save = time.monotonic()
@@ -85,24 +114,29 @@ class Trainer:
             "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(), "scaler": self.precision.scaler.state_dict(),
             "state": asdict(self.state), "rng": get_rng_state(), "metrics": metrics or {}, **self.meta,
+            **({"model_ema": self.ema.module.state_dict()} if self.ema else {}),
         }
 
-    def save(self, name: str, metrics: Optional[Dict[str, Any]] = None) -> None:
-        """Write a checkpoint from rank 0; every rank calls this (loader positions are gathered)."""
+    def save(self, name: str, metrics: Optional[Dict[str, Any]] = None) -> bool:
+        """Write a checkpoint from rank 0; every rank calls this (loader positions are gathered).
+        False if it was not written because the weights are not finite."""
         loader_states = gather_objects(self.loaders.train.state_dict())
         if not all(torch.isfinite(t).all() for t in self.model.state_dict().values() if t.is_floating_point()):
             self.tracker.warning(f"not writing {name}: the model has non-finite weights at step {self.state.step}")
-            return
+            return False
         if self.dist.is_main:
             save_atomic({**self.state_dict(metrics), "loader": loader_states}, self.checkpoint_dir / name,
                         keep_previous=name == "last.pt")
         self.last_save = time.monotonic()
+        return True
 
     def resume(self, path: Path, checkpoint: Dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model"])
         self.optimizer.load_state_dict(checkpoint["optimizer"])
         self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.precision.scaler.load_state_dict(checkpoint["scaler"])
+        if self.ema:  # a checkpoint written without EMA starts the average from the loaded weights
+            self.ema.module.load_state_dict(checkpoint.get("model_ema", checkpoint["model"]))
         self.state = TrainState(**checkpoint["state"])
         set_rng_state(checkpoint["rng"])
         loader_states = checkpoint.get("loader") or []
@@ -131,18 +165,23 @@ class Trainer:
     def run_epoch(self, watcher: PreemptionWatcher) -> Dict[str, Any]:
         epoch = self.state.epoch
         train = self.train_one_epoch(epoch, watcher)
-        if self.dist.distributed and not self.cfg.sync_bn:
-            distribute_bn(self.model, self.dist.world_size, reduce=True)  # ranks agree on BN stats
+        if self.dist.distributed and not self.cfg.sync_bn:  # ranks agree on BN stats
+            for model in (self.model, self.ema.module) if self.ema else (self.model,):
+                distribute_bn(model, self.dist.world_size, reduce=True)
         val = evaluate(self.eval_model, self.loaders.val, self.precision, self.device)
         self.scheduler.step(epoch + 1)  # epoch-based schedules; per-step ones move in step_update
         self.state.epoch, self.state.batch, self.state.loss_sum, self.state.images = epoch + 1, 0, 0.0, 0
         record = {"epoch": epoch, **train, "val_loss": val["loss"], "val_top1": val["top1"],
                   "val_top5": val["top5"], "val_images": val["images"], "step": self.state.step,
                   "skipped_steps": self.state.skipped_steps}
+        if self.ema:
+            val_ema = evaluate(self.ema.module, self.loaders.val, self.precision, self.device)
+            record.update(val_loss_ema=val_ema["loss"], val_top1_ema=val_ema["top1"], val_top5_ema=val_ema["top5"])
         self.tracker.log_epoch(record)
         is_best = val["top1"] > self.state.best_top1
         self.state.best_top1 = max(self.state.best_top1, val["top1"])
-        self.save("last.pt", record)
+        if self.save("last.pt", record) and self.checkpoint_cfg.keep_last and self.dist.is_main:
+            keep_epoch_copy(self.checkpoint_dir / "last.pt", epoch, self.checkpoint_cfg.keep_last)
         if is_best:
             self.save("best.pt", record)
         return record
@@ -162,10 +201,11 @@ class Trainer:
             for images, labels, wait in timed(loader):
                 self.state.batch += 1
                 is_update = self.state.batch % self.accum_steps == 0
-                loss = self._forward_backward(images, labels, sync=is_update)
-                pending_loss += loss.double() * labels.numel()
-                pending_images += labels.numel()
-                throughput.add(labels.numel(), wait)
+                images, targets = mix_batch(self.mixup, images, labels)
+                loss = self._forward_backward(images, targets, sync=is_update)
+                pending_loss += loss.double() * len(images)
+                pending_images += len(images)
+                throughput.add(len(images), wait)
                 if not is_update:
                     continue
                 nonfinite, preempt = self._step_flags(loss, self._clip_gradients(), watcher)
@@ -200,13 +240,13 @@ class Trainer:
         self.tracker.log_step({"loss": loss.item(), "lr": self._lr(), "img_per_s": rate, "data_fraction": data},
                               self.state.step)
 
-    def _forward_backward(self, images: torch.Tensor, labels: torch.Tensor, sync: bool) -> torch.Tensor:
+    def _forward_backward(self, images: torch.Tensor, targets: torch.Tensor, sync: bool) -> torch.Tensor:
         no_sync = getattr(self.train_model, "no_sync", None)
         context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         with context:
             with self.precision.autocast():
                 logits = self.train_model(images)
-            loss = F.cross_entropy(logits.float(), labels)
+            loss = self.criterion(logits.float(), targets)
             self.precision.scaler.scale(loss / self.accum_steps).backward()
         return loss.detach()
 
@@ -237,6 +277,8 @@ class Trainer:
         self.state.loss_sum += loss_sum
         self.state.images += images
         self.nonfinite_in_a_row = 0
+        if self.ema:
+            self.ema.update(self.model, step=self.state.step)
         self.scheduler.step_update(num_updates=self.state.step)
 
     def _skip_step(self) -> None:
