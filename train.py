@@ -4,6 +4,7 @@ config (conf/) -> data (data/) -> model (scsa.create_model) -> engine (scsa/engi
 -> run dir (train.log, metrics.jsonl, checkpoints/).
 """
 import logging
+import tempfile
 from pathlib import Path
 from typing import Any, Dict
 
@@ -23,6 +24,7 @@ from scsa.models import create_model_from_config
 from scsa.engine import distributed
 from scsa.engine.checkpoint import load_checkpoint, load_latest, previous_path
 from scsa.engine.precision import Precision
+from scsa.engine.preemption import Preempted
 from scsa.engine.trainer import Trainer
 from scsa.errors import UserError
 from scsa.tracking import Tracker
@@ -71,9 +73,8 @@ def check_writable(run_dir: Path) -> Path:
     checkpoint_dir = run_dir / "checkpoints"
     try:
         checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        probe = checkpoint_dir / ".write_test"
-        probe.touch()
-        probe.unlink()
+        with tempfile.TemporaryFile(dir=checkpoint_dir):  # a unique name: every rank probes the same dir
+            pass
     except OSError as e:
         raise UserError(f"run dir '{run_dir}' is not writable ({e.strerror}): "
                         f"pass hydra.run.dir=<a writable folder>") from None
@@ -102,6 +103,7 @@ def start_tracking(cfg: DictConfig, run_dir: Path, is_main: bool, run_id: "str |
 
 def train(cfg: DictConfig) -> Dict[str, Any]:
     dist_info, device = distributed.init_distributed(cfg.trainer.device)
+    ranks_agree = False  # whether every rank is leaving here together (then they meet at a barrier)
     try:
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         checkpoint_dir = check_writable(run_dir)
@@ -137,9 +139,13 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         if dist_info.is_main:
             print(f"done: best val top-1 {summary['best_top1']:.2f}% | last val top-1 {summary.get('val_top1', 0):.2f}%"
                   f" top-5 {summary.get('val_top5', 0):.2f}% | {summary['minutes']:.1f} min | run dir {run_dir}")
+        ranks_agree = True
         return summary
+    except Preempted:
+        ranks_agree = True  # the ranks agreed on the step to stop at
+        raise
     finally:
-        distributed.cleanup()
+        distributed.cleanup(synchronize=ranks_agree)
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

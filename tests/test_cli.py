@@ -1,5 +1,6 @@
 """Bad input and bad configuration: one line on stderr, exit code 2, no traceback."""
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -89,3 +90,28 @@ def test_attention_option_that_cannot_build(tmp_path, tiny_data):
     result = run_cli(["train.py", *FAST[:-1], "attention=scsa", "attention.kwargs.head_num=3",
                       f"data.root={tiny_data}", f"hydra.run.dir={tmp_path}/run"])
     assert_one_line_error(result, "head_num")
+
+
+@pytest.mark.slow
+def test_corrupt_image_is_named_with_the_fix_and_the_fix_works(tmp_path):
+    pytest.importorskip("nvidia.dali")
+    root = make_subset(tmp_path / "d", 4, 2, classes=3)
+    bad = sorted((root / "train" / "bag").iterdir())[0]
+    bad.write_bytes(bad.read_bytes()[:200])  # a truncated JPEG
+    args = ["train.py", "trainer.epochs=1", "attention=none", "data.workers=1", "data.batch_size=4",
+            "data.image_size=32", "data.val_resize=32", f"data.root={root}", "resume=none"]
+
+    result = run_cli([*args, "data.loader=dali", f"hydra.run.dir={tmp_path}/dali"])
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    error = result.stderr.strip().splitlines()[-1]  # after the progress bar and the decoder's own log line
+    assert error.startswith("error: cannot read ") and f"{root}/train/bag/{bad.name}" in error
+    assert "bad_files.txt" in error and "python -m data.scan" in error
+
+    result = run_cli([*args, "data.loader=torch", f"hydra.run.dir={tmp_path}/torch"])  # skips it, says which
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"skipping unreadable image {bad}" in result.stderr + (tmp_path / "torch" / "train.log").read_text()
+
+    assert run_cli([sys.executable, "-m", "data.scan", str(root), "--workers=1"]).returncode == 0
+    assert (root / "bad_files.txt").read_text().split() == [f"train/bag/{bad.name}"]
+    result = run_cli([*args, "data.loader=dali", f"hydra.run.dir={tmp_path}/dali"])
+    assert result.returncode == 0, result.stderr[-2000:]

@@ -1,12 +1,20 @@
 """torchrun on CPU (Gloo): one run dir, metrics once, every val image once, ranks in sync."""
 import hashlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import List
 
 import pytest
 import torch
 from omegaconf import OmegaConf
 
 from data import build_loaders
+from scsa.engine.checkpoint import load_checkpoint
 from tests.conftest import REPO, make_subset, run_cli
 
 
@@ -44,3 +52,54 @@ def test_validation_shards_cover_every_image_once(tmp_path, world_size):
             seen.extend(hashlib.sha1(image.numpy().tobytes()).hexdigest() for image in images)
     assert len(seen) == 70
     assert len(set(seen)) == 70  # no image twice
+
+
+def child_pids(pid: int) -> List[int]:
+    """Direct children of ``pid`` (torchrun's workers), from /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if parent == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("max_restarts", [0, 1])
+def test_a_killed_rank_ends_the_job_in_bounded_time_or_restarts_it_from_the_checkpoint(tmp_path, max_restarts):
+    data_root = make_subset(tmp_path / "data", 24, 7, classes=9)  # 216 train images: 13 steps per epoch
+    run_dir = tmp_path / "run"
+    job = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         f"--max-restarts={max_restarts}", str(REPO / "train.py"), "model=resnet18", "attention=none",
+         f"data.root={data_root}", "data.image_size=32", "data.val_resize=32", "data.batch_size=8",
+         "data.workers=0", "data.loader=torch", "trainer.epochs=3", "checkpoint.every_steps=2",
+         f"hydra.run.dir={run_dir}"],
+        cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True)
+    try:
+        log = run_dir / "train.log"
+        deadline = time.monotonic() + 300
+        while not (log.is_file() and "epoch 0:" in log.read_text()):
+            assert job.poll() is None and time.monotonic() < deadline, "the job ended or stalled before epoch 1"
+            time.sleep(0.5)
+        workers = child_pids(job.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[1], signal.SIGKILL)
+        killed = time.monotonic()
+        output, _ = job.communicate(timeout=300)
+    finally:
+        job.kill()
+    if max_restarts == 0:
+        assert job.returncode != 0
+        assert time.monotonic() - killed < 90, "the surviving rank hung"
+        assert load_checkpoint(str(run_dir / "checkpoints" / "last.pt"))["state"]["step"] >= 13  # nothing lost
+        return
+    assert job.returncode == 0, output[-4000:]
+    text = log.read_text()
+    assert "resumed from" in text and "weights identical on all 2 ranks: True" in text
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted({r["epoch"] for r in records}) == [0, 1, 2] and records[-1]["epoch"] == 2

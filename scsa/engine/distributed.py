@@ -51,10 +51,21 @@ def init_distributed(device: str = "auto", timeout_minutes: float = 30) -> "tupl
     torch_device = pick_device(device, info.local_rank)
     if info.distributed and not dist.is_initialized():
         backend = "nccl" if torch_device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, init_method="env://", rank=info.rank, world_size=info.world_size,
-                                timeout=datetime.timedelta(minutes=timeout_minutes),
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        dist.init_process_group(backend, store=_attempt_store(info, timeout), rank=info.rank,
+                                world_size=info.world_size, timeout=timeout,
                                 **({"device_id": torch_device} if backend == "nccl" else {}))
     return info, torch_device
+
+
+def _attempt_store(info: DistInfo, timeout: datetime.timedelta) -> "dist.Store":
+    """env://'s store (torchrun's agent store under torchrun), namespaced by restart attempt.
+
+    torchrun keeps one store across ``--max-restarts``; without the namespace, restarted ranks
+    can read the dead ranks' addresses and fail to connect or hang (seen here with Gloo).
+    """
+    store, _, _ = next(dist.rendezvous("env://", info.rank, info.world_size, timeout=timeout))
+    return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def barrier() -> None:
@@ -90,8 +101,11 @@ def gather_objects(obj) -> list:
     return gathered
 
 
-def cleanup() -> None:
-    """Barrier, then tear down (Gloo teardown without the barrier crashed runs)."""
+def cleanup(synchronize: bool = True) -> None:
+    """Tear down the process group, after a barrier when ``synchronize`` (Gloo teardown without
+    one crashed runs). Pass False on an error that one rank may hit alone: its peers never reach
+    the barrier, and the launcher stops them once this rank exits."""
     if dist.is_initialized():
-        dist.barrier()
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
