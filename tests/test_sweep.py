@@ -1,21 +1,23 @@
-"""A --multirun comparison sweep, then evaluate.py compare= on its folder."""
+"""A --multirun comparison sweep over all seven attentions, then evaluate.py compare= on its folder."""
 import csv
 
 import pytest
 
 from tests.conftest import run_cli
 
+ATTENTIONS = ["none", "se", "cbam", "eca", "ca", "ema", "scsa"]
+
 
 @pytest.mark.slow
-def test_two_option_sweep_then_compare(tmp_path, tiny_data):
+def test_sweep_over_every_attention_then_compare(tmp_path, tiny_data):
     sweep_dir = tmp_path / "sweep"
-    result = run_cli(["train.py", "--multirun", "attention=none,se", "model=resnet18", f"data.root={tiny_data}",
-                      "data.image_size=32", "data.val_resize=32", "data.batch_size=16", "data.workers=0",
-                      "data.loader=torch", "trainer.epochs=1", "trainer.max_steps=8", "wandb.mode=offline",
-                      f"hydra.sweep.dir={sweep_dir}"], env_extra={"WANDB_SILENT": "true"})
+    result = run_cli(["train.py", "--multirun", f"attention={','.join(ATTENTIONS)}", "model=resnet18",
+                      f"data.root={tiny_data}", "data.image_size=32", "data.val_resize=32", "data.batch_size=16",
+                      "data.workers=0", "data.loader=torch", "trainer.epochs=1", "trainer.max_steps=3",
+                      "wandb.mode=offline", f"hydra.sweep.dir={sweep_dir}"], env_extra={"WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dirs = sorted(p for p in sweep_dir.iterdir() if p.is_dir())
-    assert [p.name for p in run_dirs] == ["0_resnet18_none", "1_resnet18_se"]
+    run_dirs = sorted((p for p in sweep_dir.iterdir() if p.is_dir()), key=lambda p: int(p.name.split("_")[0]))
+    assert [p.name for p in run_dirs] == [f"{i}_resnet18_{name}" for i, name in enumerate(ATTENTIONS)]
     for run_dir in run_dirs:
         assert (run_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert list((run_dir / "wandb").glob("offline-run-*"))  # W&B offline, no network
@@ -23,9 +25,10 @@ def test_two_option_sweep_then_compare(tmp_path, tiny_data):
     compared = run_cli(["evaluate.py", f"compare={sweep_dir}"])
     assert compared.returncode == 0, compared.stderr[-3000:]
     rows = list(csv.DictReader((sweep_dir / "comparison.csv").open()))
-    assert sorted(r["attention"] for r in rows) == ["none", "se"]
+    assert sorted(r["attention"] for r in rows) == sorted(ATTENTIONS)
     params = {r["attention"]: int(float(r["params"])) for r in rows}
-    assert params["se"] > params["none"] == 11_181_642
+    assert params["none"] == 11_181_642 and params["scsa"] == 11_212_362  # 10 classes: R18 - 1000-class head + 10
+    assert all(params[name] > params["none"] for name in ATTENTIONS[1:])
     assert all(0 <= float(r["best_top1"]) <= 100 for r in rows)
     assert "| resnet18 | se |" in (sweep_dir / "comparison.md").read_text()
     assert (sweep_dir / "comparison.png").stat().st_size > 1000
