@@ -139,9 +139,9 @@ def test_val_counts_every_image_once(eleven, world_size, batch_size, n_images):
     assert sorted(seen) == list(range(n_images))
 
 
-@pytest.mark.parametrize("consumed", [0, 2])
-def test_state_dict_resumes_with_the_next_batch(eleven, consumed):
-    train, _ = loaders(eleven, batch_size=2)
+@pytest.mark.parametrize("consumed,randaugment_n", [(0, 0), (2, 0), (2, 2)])
+def test_state_dict_resumes_with_the_next_batch(eleven, consumed, randaugment_n):
+    train, _ = loaders(eleven, batch_size=2, randaugment_n=randaugment_n)
     list(train)  # finish epoch 0 so the resume happens in a reshuffled epoch
     it = iter(train)
     for _ in range(consumed):
@@ -150,7 +150,7 @@ def test_state_dict_resumes_with_the_next_batch(eleven, consumed):
     torch.save(train.state_dict(), buffer)
     expected = list(it)
 
-    resumed, _ = loaders(eleven, batch_size=2)
+    resumed, _ = loaders(eleven, batch_size=2, randaugment_n=randaugment_n)
     buffer.seek(0)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     got = list(resumed)
