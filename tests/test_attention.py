@@ -257,6 +257,15 @@ def test_fast_scsa_channels_last(shape, kwargs):
     assert_same(fast, ref, x, torch.randn(shape).to(memory_format=torch.channels_last))
 
 
+@pytest.mark.parametrize("shape,kwargs", [CASES[1], CASES[3], CASES[4], CASES[5], CASES[6]])
+def test_compiled_scsa_is_one_graph_and_equals_reference(shape, kwargs):
+    torch.manual_seed(3)
+    torch._dynamo.reset()
+    fast, ref = pair(shape[1], **kwargs)
+    fast.compile(backend="aot_eager", fullgraph=True)  # fullgraph: any graph break fails the test
+    assert_same(fast, ref, torch.randn(shape), torch.randn(shape))
+
+
 def test_small_map_shrinks_the_window():
     """3x5 map, window 7: the authors' AvgPool2d(7) would fail; the window becomes 3x5."""
     torch.manual_seed(3)

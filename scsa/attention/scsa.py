@@ -303,6 +303,8 @@ class SCSA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"SCSA({self.channels}) expects (B, {self.channels}, H, W), got {tuple(x.shape)}")
+        if torch.compiler.is_compiling():
+            return self._forward_traceable(x)
         strip_params = [t for n in _STRIP_CONVS for t in (getattr(self, n).weight, getattr(self, n).bias)]
         strip_params += [self.norm_h.weight, self.norm_h.bias, self.norm_w.weight, self.norm_w.bias]
         # The gates are computed in fp32 whatever the autocast state. On CPU a bf16/fp16 map is
@@ -315,6 +317,35 @@ class SCSA(nn.Module):
         with torch.autocast(device_type=x.device.type, enabled=False):
             y = _Smsa.apply(big, st, *(t.float() for t in strip_params))
             return _Out.apply(self._channel_logits(y), st).to(x.dtype)
+
+    def _forward_traceable(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function in plain tensor ops, for ``torch.compile``.
+
+        The eager path's autograd Functions carry Python state between them, which TorchDynamo
+        cannot trace (a graph break per block); in one graph, inductor fuses the passes over
+        the big tensor by itself. Gates in fp32, the big tensor in its own dtype.
+        """
+        b, c, h, w = x.shape
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            convs = [getattr(self, n) for n in _STRIP_CONVS]
+            k_max = max(conv.kernel_size[0] for conv in convs)
+            weight = torch.cat([F.pad(conv.weight.float(), ((k_max - conv.kernel_size[0]) // 2,) * 2)
+                                for conv in convs])
+            bias = torch.cat([conv.bias.float() for conv in convs])
+
+            def strip_gate(strip: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
+                z = F.conv1d(strip.float(), weight, bias, padding=k_max // 2, groups=c)
+                return _gate(F.group_norm(z, 4, norm.weight.float(), norm.bias.float(), _GN_EPS), self.gate_layer, -1)
+
+            a_h, a_w = strip_gate(x.mean(3), self.norm_h), strip_gate(x.mean(2), self.norm_w)
+            xs = x * a_h.to(x.dtype)[..., None] * a_w.to(x.dtype)[:, :, None, :]
+            window = self.pool_window(h, w)
+            if self.window_size == -1 or self.down_sample_mode == "avg_pool":
+                y = F.avg_pool2d(xs, window, window)
+            else:
+                y = F.max_pool2d(xs, window, window)
+            a_c = _gate(self._channel_logits(y.float()), self.gate_layer, 1)
+            return xs * a_c.to(x.dtype)[..., None, None]
 
     def extra_repr(self) -> str:
         return (f"{self.channels}, head_num={self.head_num}, window_size={self.window_size}, "
