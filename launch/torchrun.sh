@@ -3,6 +3,7 @@
 #   launch/torchrun.sh [NPROC] [hydra overrides...]
 # NPROC: first argument if it is a number, else $NPROC, else the number of GPUs
 # (CUDA_VISIBLE_DEVICES if set, else `nvidia-smi -L`), else 1.
+# MAX_RESTARTS (default 0): restart all workers after a failure; they resume from last.pt.
 # DRY_RUN=1 prints the command instead of running it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -20,7 +21,7 @@ gpu_count() {
 if [[ ${1:-} =~ ^[0-9]+$ ]]; then NPROC=$1; shift; fi
 NPROC=${NPROC:-$(gpu_count)}
 
-cmd=(torchrun --standalone "--nproc_per_node=$NPROC" train.py "$@")
+cmd=(torchrun --standalone "--nproc_per_node=$NPROC" "--max-restarts=${MAX_RESTARTS:-0}" train.py "$@")
 if [[ ${DRY_RUN:-0} == 1 ]]; then
   out=$(printf '%q ' "${cmd[@]}"); echo "${out% }"; exit 0
 fi

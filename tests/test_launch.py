@@ -83,13 +83,16 @@ def test_executable(script):
 def test_torchrun_dry_run_env_nproc(fakebin, tmp_path):
     out = _dry_run(ROOT / "launch/torchrun.sh", ["model=resnet50"],
                    _env(fakebin, NPROC="2"), cwd=tmp_path)  # from any cwd
-    assert _line(out) == "torchrun --standalone --nproc_per_node=2 train.py model=resnet50"
+    assert _line(out) == "torchrun --standalone --nproc_per_node=2 --max-restarts=0 train.py model=resnet50"
+    out = _dry_run(ROOT / "launch/torchrun.sh", ["model=resnet50"],
+                   _env(fakebin, NPROC="2", MAX_RESTARTS="3"), cwd=tmp_path)
+    assert "--max-restarts=3 train.py" in _line(out)
 
 
 def test_torchrun_dry_run_positional_nproc_and_quoting(fakebin, tmp_path):
     out = _dry_run(ROOT / "launch/torchrun.sh", ["8", "model=resnet50", "optim.lr=0.1"],
                    _env(fakebin, NPROC="2"), cwd=tmp_path)
-    assert _line(out) == ("torchrun --standalone --nproc_per_node=8 train.py "
+    assert _line(out) == ("torchrun --standalone --nproc_per_node=8 --max-restarts=0 train.py "
                           "model=resnet50 optim.lr=0.1")
     out = _dry_run(ROOT / "launch/torchrun.sh", ["tag=a b"], _env(fakebin), cwd=tmp_path)
     assert _line(out).endswith(r"train.py tag=a\ b")  # printed so that it can be pasted
@@ -97,12 +100,12 @@ def test_torchrun_dry_run_positional_nproc_and_quoting(fakebin, tmp_path):
 
 def test_torchrun_gpu_count(fakebin, tmp_path):
     script = ROOT / "launch/torchrun.sh"
-    assert _line(_dry_run(script, [], _env(fakebin), tmp_path)).endswith("=1 train.py")
+    assert _line(_dry_run(script, [], _env(fakebin), tmp_path)).endswith("--nproc_per_node=1 --max-restarts=0 train.py")
     _fake(fakebin, "nvidia-smi",
           'printf "GPU 0: H100 (UUID: a)\\nGPU 1: H100 (UUID: b)\\nGPU 2: H100 (UUID: c)\\n"\n')
-    assert _line(_dry_run(script, [], _env(fakebin), tmp_path)).endswith("=3 train.py")
+    assert _line(_dry_run(script, [], _env(fakebin), tmp_path)).endswith("--nproc_per_node=3 --max-restarts=0 train.py")
     env = _env(fakebin, CUDA_VISIBLE_DEVICES="0,1")
-    assert _line(_dry_run(script, [], env, tmp_path)).endswith("=2 train.py")
+    assert _line(_dry_run(script, [], env, tmp_path)).endswith("--nproc_per_node=2 --max-restarts=0 train.py")
 
 
 # --------------------------------------------------------------------------- multinode.sh
