@@ -12,7 +12,6 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 
 from data.dali import build_dali_loaders
+from scsa.benchmark import cpu_model
 
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "train"
@@ -82,14 +82,6 @@ def epoch_rate(loader: Iterable, skip: int = 2) -> float:
         elif i > skip:
             images += batch.shape[0]
     return images / (time.perf_counter() - start)
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def run(root: Path, batch_size: int, workers: int, repeats: int) -> Dict[str, List[float]]:

@@ -10,9 +10,7 @@ all variants alike. A benchmark, not a test: nothing is asserted.
 """
 import argparse
 import json
-import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +26,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from reference_scsa import ReferenceSCSA  # noqa: E402
 import scsa  # noqa: E402
 from scsa.attention import SCSA, register_attention  # noqa: E402
+from scsa.benchmark import cpu_model  # noqa: E402
 
 STAGE_SHAPES = [(32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7)]
 PRECISIONS = ("fp32", "bf16")
@@ -121,14 +120,6 @@ def bench_models(rounds: int, warmup: int, batch: int, channels_last: bool, budg
             print(f"  resnet50+{name} {precision}: {t[name] * 1e3:.0f} ms/step, "
                   f"x{t[name] / t['none']:.3f} of resnet50", flush=True)
     return rows
-
-
-def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def markdown(result: dict) -> str:

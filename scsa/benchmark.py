@@ -11,6 +11,7 @@ import itertools
 import json
 import platform
 import statistics
+import subprocess
 import time
 from typing import Callable, Dict, List
 
@@ -99,10 +100,19 @@ def run(args: argparse.Namespace) -> List[Dict]:
     return results
 
 
+def cpu_model() -> str:
+    """The CPU's model name as lscpu reports it (``platform.processor()`` is often empty on Linux)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+    return f"{cpu_model()} ({torch.get_num_threads()} threads)"
 
 
 def markdown(results: List[Dict]) -> str:
