@@ -134,7 +134,7 @@ class DaliLoader:
     def _pipeline(self, checkpoint: Optional[bytes] = None, reader_only: bool = False) -> "Pipeline":
         # Augmentation streams differ per rank; the shuffle seed is shared so shards stay disjoint.
         # RandAugment picks its ops per sample with DALI's conditionals, which pipeline_def enables.
-        @pipeline_def(enable_conditionals=self.train and self.augment.get("randaugment_n", 0) > 0)
+        @pipeline_def(enable_conditionals=self.train and self.augment["randaugment_n"] > 0)
         def graph():
             jpegs, labels = _read(self.root, self.files, self.labels, train=self.train, rank=self.rank,
                                   world_size=self.world_size, seed=self.seed)

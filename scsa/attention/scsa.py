@@ -37,6 +37,12 @@ def _gate_backward(a: torch.Tensor, t: torch.Tensor, kind: str, dim: int) -> tor
     return t - a * t.sum(dim, keepdim=True)
 
 
+def _merged_kernel(weights: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The four strip convs' depthwise kernels as one, each zero-padded (centred) to the largest."""
+    k_max = max(t.shape[-1] for t in weights)
+    return torch.cat([F.pad(t, ((k_max - t.shape[-1]) // 2,) * 2) for t in weights])
+
+
 def _strip_logits(st: "_State", x_h: torch.Tensor, x_w: torch.Tensor,
                   params: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     """SMSA's logits for both strips: one depthwise conv, kernels zero-padded to the largest.
@@ -46,9 +52,8 @@ def _strip_logits(st: "_State", x_h: torch.Tensor, x_w: torch.Tensor,
     backward is ``_strip_backward``.
     """
     weights, biases, (gn_h_w, gn_h_b, gn_w_w, gn_w_b) = params[0:8:2], params[1:8:2], params[8:]
-    k_max = max(t.shape[-1] for t in weights)
-    pad = k_max // 2
-    weight = torch.cat([F.pad(t, ((k_max - t.shape[-1]) // 2,) * 2) for t in weights])
+    weight = _merged_kernel(weights)
+    pad = weight.shape[-1] // 2
     b, c, h = x_h.shape
     seq = torch.cat([x_h, x_h.new_zeros(b, c, pad), x_w], dim=-1)
     z = F.conv1d(seq, weight, torch.cat(biases), padding=pad, groups=c)
@@ -328,13 +333,11 @@ class SCSA(nn.Module):
         b, c, h, w = x.shape
         with torch.autocast(device_type=x.device.type, enabled=False):
             convs = [getattr(self, n) for n in _STRIP_CONVS]
-            k_max = max(conv.kernel_size[0] for conv in convs)
-            weight = torch.cat([F.pad(conv.weight.float(), ((k_max - conv.kernel_size[0]) // 2,) * 2)
-                                for conv in convs])
+            weight = _merged_kernel([conv.weight.float() for conv in convs])
             bias = torch.cat([conv.bias.float() for conv in convs])
 
             def strip_gate(strip: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:
-                z = F.conv1d(strip.float(), weight, bias, padding=k_max // 2, groups=c)
+                z = F.conv1d(strip.float(), weight, bias, padding=weight.shape[-1] // 2, groups=c)
                 return _gate(F.group_norm(z, 4, norm.weight.float(), norm.bias.float(), _GN_EPS), self.gate_layer, -1)
 
             a_h, a_w = strip_gate(x.mean(3), self.norm_h), strip_gate(x.mean(2), self.norm_w)
