@@ -58,9 +58,7 @@ def run(cfg: DictConfig) -> dict:
                         f"pass checkpoints/last.pt or best.pt from a run dir")
     weights = checkpoint[weights_key(cfg, checkpoint)]
     stored = checkpoint["config"]
-    dist_info, device = distributed.init_distributed(cfg.device)
-    finished = False
-    try:
+    with distributed.process_group(cfg.device) as (dist_info, device):
         data = data_config(cfg, stored["data"])
         loaders = build_loaders(data, rank=dist_info.rank, world_size=dist_info.world_size, device=device,
                                 seed=0, channels_last=False)
@@ -76,10 +74,7 @@ def run(cfg: DictConfig) -> dict:
                   "image_size": data.image_size, "checkpoint": cfg.checkpoint, "ema": bool(cfg.ema)}
         if dist_info.is_main:
             print(json.dumps(result))
-        finished = True
         return result
-    finally:
-        distributed.cleanup(synchronize=finished)
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")

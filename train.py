@@ -102,9 +102,7 @@ def start_tracking(cfg: DictConfig, run_dir: Path, is_main: bool, run_id: "str |
 
 
 def train(cfg: DictConfig) -> Dict[str, Any]:
-    dist_info, device = distributed.init_distributed(cfg.trainer.device)
-    ranks_agree = False  # whether every rank is leaving here together (then they meet at a barrier)
-    try:
+    with distributed.process_group(cfg.trainer.device, agreed=(Preempted,)) as (dist_info, device):
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         checkpoint_dir = check_writable(run_dir)
         configure_backends(cfg.trainer, cfg.seed, dist_info.rank, device)
@@ -139,13 +137,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         if dist_info.is_main:
             print(f"done: best val top-1 {summary['best_top1']:.2f}% | last val top-1 {summary.get('val_top1', 0):.2f}%"
                   f" top-5 {summary.get('val_top5', 0):.2f}% | {summary['minutes']:.1f} min | run dir {run_dir}")
-        ranks_agree = True
         return summary
-    except Preempted:
-        ranks_agree = True  # the ranks agreed on the step to stop at
-        raise
-    finally:
-        distributed.cleanup(synchronize=ranks_agree)
 
 
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")

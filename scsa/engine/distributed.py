@@ -2,10 +2,12 @@
 
 Every rank check in the project goes through ``DistInfo.is_main``.
 """
+import contextlib
 import datetime
 import hashlib
 import os
 from dataclasses import dataclass
+from typing import Iterator, Tuple, Type
 
 import torch
 import torch.distributed as dist
@@ -101,11 +103,24 @@ def gather_objects(obj) -> list:
     return gathered
 
 
-def cleanup(synchronize: bool = True) -> None:
-    """Tear down the process group, after a barrier when ``synchronize`` (Gloo teardown without
-    one crashed runs). Pass False on an error that one rank may hit alone: its peers never reach
-    the barrier, and the launcher stops them once this rank exits."""
-    if dist.is_initialized():
-        if synchronize:
-            dist.barrier()
-        dist.destroy_process_group()
+@contextlib.contextmanager
+def process_group(device: str = "auto", agreed: Tuple[Type[BaseException], ...] = ()
+                  ) -> Iterator[Tuple[DistInfo, torch.device]]:
+    """``init_distributed`` for the block, then teardown: after a barrier when every rank leaves
+    together (the block finished, or raised one of the ``agreed`` exceptions, which all ranks raise
+    at the same step), since Gloo teardown without one crashed runs; with no barrier after any
+    other error, which one rank may hit alone: its peers would never reach the barrier, and the
+    launcher stops them once this rank exits."""
+    info, torch_device = init_distributed(device)
+    together = False
+    try:
+        yield info, torch_device
+        together = True
+    except agreed:
+        together = True
+        raise
+    finally:
+        if dist.is_initialized():
+            if together:
+                dist.barrier()
+            dist.destroy_process_group()
