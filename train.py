@@ -4,6 +4,7 @@ config (conf/) -> data (data/) -> model (scsa.create_model) -> engine (scsa/engi
 -> run dir (train.log, metrics.jsonl, checkpoints/).
 """
 import logging
+import math
 import tempfile
 from pathlib import Path
 from typing import Any, Dict
@@ -102,6 +103,8 @@ def start_tracking(cfg: DictConfig, run_dir: Path, is_main: bool, run_id: "str |
 
 
 def train(cfg: DictConfig) -> Dict[str, Any]:
+    if cfg.trainer.accum_steps < 1:
+        raise UserError(f"trainer.accum_steps={cfg.trainer.accum_steps}: use a positive int (1 = no accumulation)")
     with distributed.process_group(cfg.trainer.device, agreed=(Preempted,)) as (dist_info, device):
         run_dir = Path(HydraConfig.get().runtime.output_dir)
         checkpoint_dir = check_writable(run_dir)
@@ -117,7 +120,7 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         global_batch = cfg.data.batch_size * dist_info.world_size * cfg.trainer.accum_steps
         lr = scaled_lr(cfg.optim, global_batch)
         optimizer = build_optimizer(cfg, model, lr)
-        scheduler = build_scheduler(cfg, optimizer, len(loaders.train) // cfg.trainer.accum_steps)
+        scheduler = build_scheduler(cfg, optimizer, math.ceil(len(loaders.train) / cfg.trainer.accum_steps))
         meta = {"config": OmegaConf.to_container(cfg, resolve=True), "classes": loaders.classes,
                 "params": params, "flops": macs, "wandb_run_id": tracker.wandb.run_id}
         trainer = Trainer(model, optimizer, scheduler, loaders, Precision(cfg.trainer.amp, device), dist_info,

@@ -58,6 +58,7 @@ def test_unwritable_run_dir(tmp_path):
     ("model=resnet7", "resnet7"),
     ("attention=squeeze", "squeeze"),
     ("trainer.epochs=[", "epochs"),
+    ("trainer.accum_steps=0", "accum_steps"),
 ])
 def test_unknown_config_option(tmp_path, override, fragment):
     result = run_cli(["train.py", override, f"hydra.run.dir={tmp_path}/run"])

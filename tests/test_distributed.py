@@ -20,11 +20,12 @@ from tests.conftest import REPO, make_subset, run_cli
 
 @pytest.mark.slow
 def test_torchrun_two_ranks_on_cpu(tmp_path):
+    """With gradient accumulation: DDP skips the all-reduce (no_sync) on non-update steps."""
     data_root = make_subset(tmp_path / "data", 24, 7, classes=9)  # 63 val images: odd
     result = run_cli(["torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
                       "model=resnet18", "attention=none", f"data.root={data_root}", "data.image_size=32",
                       "data.val_resize=32", "data.batch_size=8", "data.workers=0", "data.loader=torch",
-                      "trainer.epochs=2", "trainer.max_steps=20"], cwd=tmp_path)
+                      "trainer.epochs=2", "trainer.max_steps=20", "trainer.accum_steps=2"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     run_dirs = [p.parent for p in (tmp_path / "outputs").rglob("metrics.jsonl")]
     assert len(run_dirs) == 1, run_dirs
@@ -32,6 +33,8 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
     run_dir = run_dirs[0]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1]
+    # 108 train images per rank, batches of 8: 13 per epoch, so 6 updates of 2 and a last one of 1
+    assert [r["step"] for r in records] == [7, 14]
     assert all(r["val_images"] == 63 for r in records)
     log = (run_dir / "train.log").read_text()
     assert "world=2" in log and "weights identical on all 2 ranks: True" in log

@@ -5,6 +5,7 @@ does not know which backbone, attention or input backend it is running. Its stat
 saved at any step boundary and resumed from there (mid-epoch included).
 """
 import contextlib
+import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -193,16 +194,22 @@ class Trainer:
         self.train_model.train()
         loader = self.loaders.train
         loader.set_epoch(epoch, start_batch=self.state.batch)
+        epoch_batches = self.state.batch + len(loader)
+        # As timm does: an epoch whose batches do not fill the last group of accum_steps ends
+        # with one update over the shorter group (nothing carries over into the next epoch).
+        short_group = epoch_batches % self.accum_steps
+        short_from = epoch_batches - short_group  # batches after this one form the short group
         throughput = Throughput()
-        self.tracker.start_bar(len(loader) // self.accum_steps + self.state.batch // self.accum_steps,
-                               f"epoch {epoch + 1}/{self.cfg.epochs}", initial=self.state.batch // self.accum_steps)
+        self.tracker.start_bar(math.ceil(epoch_batches / self.accum_steps), f"epoch {epoch + 1}/{self.cfg.epochs}",
+                               initial=self.state.batch // self.accum_steps)
         pending_loss, pending_images = torch.zeros((), dtype=torch.float64, device=self.device), 0
         try:
             for images, labels, wait in timed(loader):
                 self.state.batch += 1
-                is_update = self.state.batch % self.accum_steps == 0
+                group = self.accum_steps if self.state.batch <= short_from else short_group
+                is_update = self.state.batch % self.accum_steps == 0 or self.state.batch == epoch_batches
                 images, targets = mix_batch(self.mixup, images, labels)
-                loss = self._forward_backward(images, targets, sync=is_update)
+                loss = self._forward_backward(images, targets, sync=is_update, group=group)
                 pending_loss += loss.double() * len(images)
                 pending_images += len(images)
                 throughput.add(len(images), wait)
@@ -240,14 +247,16 @@ class Trainer:
         self.tracker.log_step({"loss": loss.item(), "lr": self._lr(), "img_per_s": rate, "data_fraction": data},
                               self.state.step)
 
-    def _forward_backward(self, images: torch.Tensor, targets: torch.Tensor, sync: bool) -> torch.Tensor:
+    def _forward_backward(self, images: torch.Tensor, targets: torch.Tensor, sync: bool, group: int) -> torch.Tensor:
+        """Forward and backward of one micro-batch of an update over ``group`` micro-batches;
+        DDP all-reduces gradients only on the update's last one (``sync``)."""
         no_sync = getattr(self.train_model, "no_sync", None)
         context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         with context:
             with self.precision.autocast():
                 logits = self.train_model(images)
             loss = self.criterion(logits.float(), targets)
-            self.precision.scaler.scale(loss / self.accum_steps).backward()
+            self.precision.scaler.scale(loss / group).backward()
         return loss.detach()
 
     def _clip_gradients(self) -> torch.Tensor:
