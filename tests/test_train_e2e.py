@@ -1,10 +1,11 @@
 """End to end through the command line: train.py, then evaluate.py on its checkpoint."""
 import json
+import math
 
 import pytest
 import torch
 
-from tests.conftest import run_cli
+from tests.conftest import make_subset, run_cli
 
 
 @pytest.mark.slow
@@ -38,3 +39,18 @@ def test_train_then_evaluate(tmp_path, tiny_data):
     assert report["images"] == 70
     assert report["params"] == 11_181_642  # ResNet-18 with a 10-class head
     assert report["flops"] == pytest.approx(0.0375e9, rel=0.05)  # MACs at 32 px
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("amp", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu_with_a_grad_scaler_for_fp16_only(tmp_path, amp):
+    root = make_subset(tmp_path / "d", 4, 1, classes=4)  # 16 train images: 4 steps of 4
+    run_dir = tmp_path / "run"
+    result = run_cli(["train.py", "model=resnet18", "attention=scsa", f"data.root={root}", "data.image_size=32",
+                      "data.val_resize=32", "data.batch_size=4", "data.workers=0", "data.loader=torch",
+                      "trainer.epochs=1", f"trainer.amp={amp}", f"hydra.run.dir={run_dir}"])
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["state"]["step"] == 4 and checkpoint["state"]["skipped_steps"] == 0
+    assert math.isfinite(checkpoint["metrics"]["train_loss"])
+    assert ("scale" in checkpoint["scaler"]) == (amp == "fp16")  # loss scaling: fp16 only

@@ -100,6 +100,10 @@ class Trainer:
         """SyncBN, torch.compile, then DDP (compile goes inside the DDP wrap)."""
         model = self.model
         if self.dist.distributed and self.cfg.sync_bn:
+            if self.device.type != "cuda":
+                raise UserError(f"trainer.sync_bn=true needs CUDA (torch's SyncBatchNorm has no {self.device.type} "
+                                "kernels): leave it false there; BN statistics are still averaged across ranks "
+                                "before each validation")
             model = self.model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         if self.cfg.compile:
             model = torch.compile(model)

@@ -1,7 +1,8 @@
-"""Gradient accumulation: one update per group of accum_steps batches, the epoch's short last
-group included, each update the mean gradient of its own batches."""
+"""The training engine on its own: a BN-free toy model and fixed batches, so that what an
+update should do can be computed by hand."""
 import copy
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -10,6 +11,7 @@ from scsa.engine.distributed import DistInfo
 from scsa.engine.precision import Precision
 from scsa.engine.preemption import PreemptionWatcher
 from scsa.engine.trainer import Trainer
+from scsa.errors import UserError
 from scsa.tracking import Tracker
 from scsa.wandb_run import WandbRun
 from tests.test_config import compose_train
@@ -32,21 +34,23 @@ class FixedBatches:
         return iter(self.batches[self.start:])
 
 
+def tiny_trainer(tmp_path, model, batches, *overrides, dist=DistInfo()) -> Trainer:
+    cfg = compose_train("optim.lr=0.5", "optim.momentum=0", "optim.weight_decay=0", "trainer.epochs=1",
+                        "schedule=step", "checkpoint.every_steps=0", "checkpoint.every_minutes=0", *overrides)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    loaders = Loaders(FixedBatches(batches), None, ["a", "b", "c"], "fixed")
+    tracker = Tracker(tmp_path, True, WandbRun("disabled", "p", tmp_path, {}, "n", []))
+    return Trainer(model, optimizer, build_scheduler(cfg, optimizer, len(batches)), loaders,
+                   Precision("none", torch.device("cpu")), dist, torch.device("cpu"), tracker, tmp_path, cfg, {})
+
+
 def test_each_update_is_the_mean_gradient_of_its_group_and_the_short_group_is_not_dropped(tmp_path):
     torch.manual_seed(0)
     batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(5)]  # groups of 2: 2 + 2 + 1
     model = nn.Linear(6, 3)  # no BatchNorm: accumulated and whole-group gradients agree exactly
     expected = copy.deepcopy(model)
 
-    cfg = compose_train("trainer.accum_steps=2", "optim.lr=0.5", "optim.momentum=0", "optim.weight_decay=0",
-                        "trainer.epochs=1", "schedule=step",
-                        "checkpoint.every_steps=0", "checkpoint.every_minutes=0")
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    loaders = Loaders(FixedBatches(batches), None, ["a", "b", "c"], "fixed")
-    tracker = Tracker(tmp_path, True, WandbRun("disabled", "p", tmp_path, {}, "n", []))
-    trainer = Trainer(model, optimizer, build_scheduler(cfg, optimizer, 3), loaders,
-                      Precision("none", torch.device("cpu")), DistInfo(), torch.device("cpu"), tracker,
-                      tmp_path, cfg, {})
+    trainer = tiny_trainer(tmp_path, model, batches, "trainer.accum_steps=2")
     watcher = PreemptionWatcher()
     try:
         trainer.train_one_epoch(0, watcher)
@@ -64,3 +68,11 @@ def test_each_update_is_the_mean_gradient_of_its_group_and_the_short_group_is_no
     assert all(p.grad is None for p in model.parameters())  # nothing carried into the next epoch
     for got, want in zip(model.parameters(), expected.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_sync_bn_off_the_gpu_is_a_clear_error(tmp_path):
+    batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,)))]
+    trainer = tiny_trainer(tmp_path, nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 3)), batches,
+                           "trainer.sync_bn=true", dist=DistInfo(rank=0, world_size=2))
+    with pytest.raises(UserError, match="trainer.sync_bn=true needs CUDA"):
+        trainer.wrap()
