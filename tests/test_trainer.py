@@ -1,4 +1,4 @@
-"""The training engine on its own: a BN-free toy model and fixed batches, so that what an
+"""The training engine on its own: toy models and fixed batches, so that what an update
 update should do can be computed by hand."""
 import copy
 
@@ -44,6 +44,14 @@ def tiny_trainer(tmp_path, model, batches, *overrides, dist=DistInfo()) -> Train
                    Precision("none", torch.device("cpu")), dist, torch.device("cpu"), tracker, tmp_path, cfg, {})
 
 
+def train_one_epoch(trainer: Trainer) -> None:
+    watcher = PreemptionWatcher()
+    try:
+        trainer.train_one_epoch(0, watcher)
+    finally:
+        watcher.close()
+
+
 def test_each_update_is_the_mean_gradient_of_its_group_and_the_short_group_is_not_dropped(tmp_path):
     torch.manual_seed(0)
     batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(5)]  # groups of 2: 2 + 2 + 1
@@ -51,11 +59,7 @@ def test_each_update_is_the_mean_gradient_of_its_group_and_the_short_group_is_no
     expected = copy.deepcopy(model)
 
     trainer = tiny_trainer(tmp_path, model, batches, "trainer.accum_steps=2")
-    watcher = PreemptionWatcher()
-    try:
-        trainer.train_one_epoch(0, watcher)
-    finally:
-        watcher.close()
+    train_one_epoch(trainer)
 
     for group in (batches[0:2], batches[2:4], batches[4:5]):
         images, labels = torch.cat([b[0] for b in group]), torch.cat([b[1] for b in group])
@@ -76,3 +80,17 @@ def test_sync_bn_off_the_gpu_is_a_clear_error(tmp_path):
                            "trainer.sync_bn=true", dist=DistInfo(rank=0, world_size=2))
     with pytest.raises(UserError, match="trainer.sync_bn=true needs CUDA"):
         trainer.wrap()
+
+
+def test_compiled_training_takes_the_same_steps_as_eager(tmp_path):
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(3)]
+    eager_model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    compiled_model = copy.deepcopy(eager_model)
+    for model, overrides in ((eager_model, ()), (compiled_model, ("trainer.compile=true",))):
+        trainer = tiny_trainer(tmp_path, model, batches, *overrides)
+        trainer.wrap()
+        train_one_epoch(trainer)
+    assert trainer.train_model is not compiled_model  # the step ran through torch.compile's wrapper
+    for got, want in zip(compiled_model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
