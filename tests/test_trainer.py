@@ -1,5 +1,5 @@
 """The training engine on its own: toy models and fixed batches, so that what an update
-update should do can be computed by hand."""
+should do can be computed by hand."""
 import copy
 
 import pytest
