@@ -1,8 +1,9 @@
 """Evaluate a checkpoint, or compare the runs of a sweep.
 
-``python evaluate.py checkpoint=PATH [ema=true] [data overrides]`` prints, as its last stdout line, one
-JSON object with top1, top5, loss, images, params and flops (MACs per image at the
-evaluation resolution). ``python evaluate.py compare=MULTIRUN_DIR`` writes comparison.md,
+``python evaluate.py checkpoint=PATH [ema=true] [throughput=true] [data overrides]`` prints, as its
+last stdout line, one JSON object with top1, top5, loss, images, params and flops (MACs per
+image at the evaluation resolution), and with throughput=true img_per_s (inference on
+synthetic batches of data.batch_size). ``python evaluate.py compare=MULTIRUN_DIR`` writes comparison.md,
 comparison.csv and comparison.png into that folder and prints the table.
 """
 import json
@@ -15,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 import scsa.config  # noqa: F401  (registers the resolvers conf/ uses)
 from data import build_loaders
 from scsa.cli import hydra_entry_point, run_task
+from scsa.benchmark import inference_throughput
 from scsa.compare import write_comparison
 from scsa.complexity import count_macs, count_params
 from scsa.models import create_model_from_config
@@ -68,10 +70,13 @@ def run(cfg: DictConfig) -> dict:
         model = create_model_from_config(stored["model"], stored["attention"], len(checkpoint["classes"]))
         model.load_state_dict(weights)
         model.to(device)
-        metrics = evaluate(model, loaders.val, Precision(cfg.amp, device), device)
+        precision = Precision(cfg.amp, device)
+        metrics = evaluate(model, loaders.val, precision, device)
         result = {**metrics, "params": count_params(model), "flops": count_macs(model, data.image_size),
                   "model": stored["model"]["name"], "attention": stored["attention"]["name"],
                   "image_size": data.image_size, "checkpoint": cfg.checkpoint, "ema": bool(cfg.ema)}
+        if cfg.throughput:
+            result["img_per_s"] = inference_throughput(model, data.batch_size, data.image_size, precision, device)
         if dist_info.is_main:
             print(json.dumps(result))
         return result

@@ -63,6 +63,21 @@ def timed(step: Callable[[], None], steps: int, device: torch.device) -> float:
     return (time.perf_counter() - start) / steps
 
 
+def inference_throughput(model: torch.nn.Module, batch_size: int, image_size: int, precision: Precision,
+                         device: torch.device, steps: int = 10, warmup: int = 3) -> float:
+    """Images per second of ``model``'s eval-mode forward on a synthetic batch."""
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    model.eval()
+
+    @torch.no_grad()
+    def step() -> None:
+        with precision.autocast():
+            model(images)
+
+    timed(step, warmup, device)
+    return batch_size / timed(step, steps, device)
+
+
 def run(args: argparse.Namespace) -> List[Dict]:
     device = pick_device(args.device, 0)
     if device.type == "cpu" and args.threads:

@@ -31,7 +31,7 @@ def test_train_then_evaluate(tmp_path, tiny_data):
         checkpoint = torch.load(run_dir / "checkpoints" / name, weights_only=True)
         assert checkpoint["config"]["model"]["name"] == "resnet18"
     evaluation = run_cli(["evaluate.py", f"checkpoint={run_dir}/checkpoints/last.pt", "data.workers=0",
-                          "data.loader=torch"])
+                          "data.loader=torch", "throughput=true"])
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     report = json.loads(evaluation.stdout.strip().splitlines()[-1])
     assert report["top1"] == pytest.approx(records[-1]["val_top1"], abs=1e-9)
@@ -39,6 +39,7 @@ def test_train_then_evaluate(tmp_path, tiny_data):
     assert report["images"] == 70
     assert report["params"] == 11_181_642  # ResNet-18 with a 10-class head
     assert report["flops"] == pytest.approx(0.0375e9, rel=0.05)  # MACs at 32 px
+    assert report["img_per_s"] > 0
 
 
 @pytest.mark.slow
