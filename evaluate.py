@@ -15,8 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 
 import scsa.config  # noqa: F401  (registers the resolvers conf/ uses)
 from data import build_loaders
-from scsa.cli import hydra_entry_point, run_task
 from scsa.benchmark import inference_throughput
+from scsa.cli import hydra_entry_point, run_task
 from scsa.compare import write_comparison
 from scsa.complexity import count_macs, count_params
 from scsa.models import create_model_from_config

@@ -4,7 +4,6 @@ config (conf/) -> data (data/) -> model (scsa.create_model) -> engine (scsa/engi
 -> run dir (train.log, metrics.jsonl, checkpoints/).
 """
 import logging
-import math
 import tempfile
 from pathlib import Path
 from typing import Any, Dict
@@ -26,7 +25,7 @@ from scsa.engine import distributed
 from scsa.engine.checkpoint import load_checkpoint, load_latest, previous_path
 from scsa.engine.precision import Precision
 from scsa.engine.preemption import Preempted
-from scsa.engine.trainer import Trainer
+from scsa.engine.trainer import Trainer, updates_per_epoch
 from scsa.errors import UserError
 from scsa.tracking import Tracker
 from scsa.wandb_run import WandbRun
@@ -120,7 +119,8 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         global_batch = cfg.data.batch_size * dist_info.world_size * cfg.trainer.accum_steps
         lr = scaled_lr(cfg.optim, global_batch)
         optimizer = build_optimizer(cfg, model, lr)
-        scheduler = build_scheduler(cfg, optimizer, math.ceil(len(loaders.train) / cfg.trainer.accum_steps))
+        updates = updates_per_epoch(len(loaders.train), cfg.trainer.accum_steps)
+        scheduler = build_scheduler(cfg, optimizer, updates)
         meta = {"config": OmegaConf.to_container(cfg, resolve=True), "classes": loaders.classes,
                 "params": params, "flops": macs, "wandb_run_id": tracker.wandb.run_id}
         trainer = Trainer(model, optimizer, scheduler, loaders, Precision(cfg.trainer.amp, device), dist_info,

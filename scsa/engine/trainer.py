@@ -75,6 +75,11 @@ def mix_batch(mixup: Optional[Mixup], images: torch.Tensor, labels: torch.Tensor
     return mixup(images, labels)
 
 
+def updates_per_epoch(batches: int, accum_steps: int) -> int:
+    """Optimiser steps in an epoch of ``batches`` batches (a short last group makes one too)."""
+    return math.ceil(batches / accum_steps)
+
+
 class Trainer:
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, loaders: Loaders,
                  precision: Precision, dist: DistInfo, device: torch.device, tracker: Tracker,
@@ -199,19 +204,18 @@ class Trainer:
         loader = self.loaders.train
         loader.set_epoch(epoch, start_batch=self.state.batch)
         epoch_batches = self.state.batch + len(loader)
-        # As timm does: an epoch whose batches do not fill the last group of accum_steps ends
-        # with one update over the shorter group (nothing carries over into the next epoch).
-        short_group = epoch_batches % self.accum_steps
-        short_from = epoch_batches - short_group  # batches after this one form the short group
         throughput = Throughput()
-        self.tracker.start_bar(math.ceil(epoch_batches / self.accum_steps), f"epoch {epoch + 1}/{self.cfg.epochs}",
-                               initial=self.state.batch // self.accum_steps)
+        self.tracker.start_bar(updates_per_epoch(epoch_batches, self.accum_steps),
+                               f"epoch {epoch + 1}/{self.cfg.epochs}", initial=self.state.batch // self.accum_steps)
         pending_loss, pending_images = torch.zeros((), dtype=torch.float64, device=self.device), 0
         try:
             for images, labels, wait in timed(loader):
+                # Groups of accum_steps batches; as in timm, the epoch's last group may be shorter
+                # and still makes its update (nothing carries over into the next epoch).
+                group_start = self.state.batch // self.accum_steps * self.accum_steps
+                group = min(self.accum_steps, epoch_batches - group_start)
                 self.state.batch += 1
-                group = self.accum_steps if self.state.batch <= short_from else short_group
-                is_update = self.state.batch % self.accum_steps == 0 or self.state.batch == epoch_batches
+                is_update = self.state.batch == group_start + group
                 images, targets = mix_batch(self.mixup, images, labels)
                 loss = self._forward_backward(images, targets, sync=is_update, group=group)
                 pending_loss += loss.double() * len(images)
