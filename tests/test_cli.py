@@ -1,7 +1,6 @@
 """Bad input and bad configuration: one line on stderr, exit code 2, no traceback."""
 import os
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -1,5 +1,4 @@
 """The CUDA paths: AMP, channels_last, compile, NCCL DDP. Skipped on machines without a GPU."""
-import os
 
 import pytest
 import torch
