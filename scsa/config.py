@@ -21,5 +21,12 @@ def run_subdir() -> str:
     return datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
 
 
+def attention_position(name: str) -> str:
+    """The attention module's default place in a block, from its registry entry (``scsa.attention``)."""
+    from scsa.attention import default_position  # torch-heavy: only when a config asks
+    return default_position(name)
+
+
+OmegaConf.register_new_resolver("attention_position", attention_position, replace=True)
 OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
 OmegaConf.register_new_resolver("run_subdir", run_subdir, use_cache=True, replace=True)

@@ -42,7 +42,7 @@ class Recorder(torch.nn.Module):
 @pytest.fixture
 def recorder(monkeypatch):
     from scsa.attention import _REGISTRY
-    monkeypatch.setitem(_REGISTRY, "recorder", lambda channels, **_: Recorder(channels))
+    monkeypatch.setitem(_REGISTRY, "recorder", _REGISTRY["none"]._replace(factory=Recorder))
     Recorder.seen = []
     return Recorder
 

@@ -3,6 +3,8 @@ import torch
 import torch.nn as nn
 from timm.layers.cbam import ChannelAttn
 
+from scsa.attention.kernels import check_kernel
+
 __all__ = ["CBAM"]
 
 
@@ -23,8 +25,10 @@ class CBAM(nn.Module):
     then spatial gate. The channel gate is timm's ``ChannelAttn``.
     """
 
-    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, min_channels: int = 8):
+    def __init__(self, channels: int, reduction: int = 16, kernel_size: int = 7, min_channels: int = 8,
+                 kernel: str = "auto"):
         super().__init__()
+        self.kernel = check_kernel(kernel)  # auto | triton | torch: see scsa.attention.kernels
         self.channel = ChannelAttn(channels, rd_channels=max(channels // reduction, min_channels), mlp_bias=False)
         self.spatial = SpatialGate(kernel_size)
 

@@ -7,14 +7,17 @@ bias-free squeeze conv, biased expand convs and width ``max(8, C / 32)``.
 import torch
 import torch.nn as nn
 
+from scsa.attention.kernels import check_kernel
+
 __all__ = ["CoordAttention"]
 
 
 class CoordAttention(nn.Module):
     """``x * a_w * a_h`` from a shared squeeze of the H- and W-direction means."""
 
-    def __init__(self, channels: int, reduction: int = 32, min_channels: int = 8):
+    def __init__(self, channels: int, reduction: int = 32, min_channels: int = 8, kernel: str = "auto"):
         super().__init__()
+        self.kernel = check_kernel(kernel)  # auto | triton | torch: see scsa.attention.kernels
         hidden = max(min_channels, channels // reduction)
         self.conv1 = nn.Conv2d(channels, hidden, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(hidden)

@@ -4,6 +4,8 @@ from typing import Union
 
 from timm.layers import EcaModule
 
+from scsa.attention.kernels import check_kernel
+
 __all__ = ["ECA", "eca_kernel_size"]
 
 
@@ -31,5 +33,6 @@ class ECA(EcaModule):
     fixed kernel.
     """
 
-    def __init__(self, channels: int, k_size: Union[int, str] = "scsa"):
+    def __init__(self, channels: int, k_size: Union[int, str] = "scsa", kernel: str = "auto"):
         super().__init__(channels=None, kernel_size=eca_kernel_size(channels, k_size))
+        self.kernel = check_kernel(kernel)  # auto | triton | torch: see scsa.attention.kernels

@@ -2,6 +2,8 @@
 import torch
 import torch.nn as nn
 
+from scsa.attention.kernels import check_kernel
+
 __all__ = ["EMA"]
 
 
@@ -10,8 +12,9 @@ class EMA(nn.Module):
     3x3 branch weight each other's pixels through a softmax over channels (cross-spatial step).
     """
 
-    def __init__(self, channels: int, factor: int = 32):
+    def __init__(self, channels: int, factor: int = 32, kernel: str = "auto"):
         super().__init__()
+        self.kernel = check_kernel(kernel)  # auto | triton | torch: see scsa.attention.kernels
         if factor <= 0 or channels % factor:
             raise ValueError(f"EMA needs channels divisible by factor={factor} (got {channels}): "
                              f"use a multiple of {factor} or a factor that divides {channels}")

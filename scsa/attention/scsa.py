@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from scsa.attention.kernels import check_kernel
+
 __all__ = ["SCSA"]
 
 _STRIP_CONVS = ("local_dwc", "global_dwc_s", "global_dwc_m", "global_dwc_l")
@@ -247,6 +249,7 @@ class SCSA(nn.Module):
             down_sample_mode: str = "avg_pool",
             attn_drop_ratio: float = 0.0,
             gate_layer: str = "sigmoid",
+            kernel: str = "auto",
     ):
         super().__init__()
         _check_args(channels, head_num, window_size, group_kernel_sizes, down_sample_mode, gate_layer)
@@ -257,6 +260,7 @@ class SCSA(nn.Module):
         self.down_sample_mode = down_sample_mode
         self.attn_drop_ratio = float(attn_drop_ratio)
         self.gate_layer = gate_layer
+        self.kernel = check_kernel(kernel)  # auto | triton | torch: see scsa.attention.kernels
         self.scaler = (channels // head_num) ** -0.5
 
         g = channels // 4

@@ -1,6 +1,8 @@
 """SE: squeeze-and-excitation (Hu et al., CVPR 2018), as in the SCSA authors' comparisons."""
 from timm.layers import SEModule
 
+from scsa.attention.kernels import check_kernel
+
 __all__ = ["SE"]
 
 
@@ -11,5 +13,6 @@ class SE(SEModule):
     no biases; the 1x1 convs are the spec's Linear layers. The hidden width is at least 1.
     """
 
-    def __init__(self, channels: int, reduction: int = 16):
+    def __init__(self, channels: int, reduction: int = 16, kernel: str = "auto"):
         super().__init__(channels, rd_channels=max(1, channels // reduction), bias=False)
+        self.kernel = check_kernel(kernel)  # auto | triton | torch: see scsa.attention.kernels

@@ -4,15 +4,11 @@ from typing import Any, Mapping, Optional
 
 import torch.nn as nn
 
-from scsa.attention import create_attention
+from scsa.attention import create_attention, default_position
 from scsa.models.mobilenetv2 import build_mobilenetv2
 from scsa.models.resnet import RESNET_LAYOUTS, build_resnet
 
 MODELS = (*RESNET_LAYOUTS, "mobilenetv2")
-
-# Where each module goes unless told otherwise: SCSA where its authors put it (mid-block);
-# the others where their own papers did (after the last BN of the branch, before the add).
-DEFAULT_POSITION = {"scsa": "mid"}
 
 
 def create_model(name: str, attention: str = "none", num_classes: int = 1000,
@@ -20,13 +16,13 @@ def create_model(name: str, attention: str = "none", num_classes: int = 1000,
                  **attention_kwargs) -> nn.Module:
     """Build backbone ``name`` with ``attention`` in every block.
 
-    ``position`` is ``mid`` or ``end`` (see ``scsa.models.resnet``); ``attention_kwargs``
-    go to the attention module's constructor.
+    ``position`` is ``mid`` or ``end`` (see ``scsa.attention``), by default the module's own
+    (``scsa.attention.default_position``); ``attention_kwargs`` go to its constructor.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}': choose one of {', '.join(MODELS)}")
     attn_layer = None if attention == "none" else partial(create_attention, attention, **attention_kwargs)
-    position = position or DEFAULT_POSITION.get(attention, "end")
+    position = position or default_position(attention)
     extra = {} if drop_rate is None else {"drop_rate": drop_rate}
     if name == "mobilenetv2":
         return build_mobilenetv2(attn_layer, position, num_classes, **extra)

@@ -1,0 +1,55 @@
+"""Fused Triton kernels for the attention modules, and the choice between them and the eager path.
+
+Every attention module takes ``kernel``: ``auto`` (Triton on CUDA tensors when Triton imports,
+the eager PyTorch path otherwise), ``triton`` or ``torch``. With ``TRITON_INTERPRET=1`` the
+Triton kernels also run on CPU tensors, in Triton's interpreter: that is how they are tested
+on machines without a GPU.
+"""
+import functools
+import os
+
+import torch
+
+__all__ = ["KERNELS", "check_kernel", "interpreting", "triton_available", "use_triton"]
+
+KERNELS = ("auto", "triton", "torch")
+
+
+def check_kernel(kernel: str) -> str:
+    """``kernel`` if it is a known choice, else a ValueError naming the choices."""
+    if kernel not in KERNELS:
+        raise ValueError(f"unknown attention kernel {kernel!r}: use {', '.join(KERNELS)}")
+    return kernel
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether the ``triton`` package (shipped with CUDA builds of torch) imports."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (``TRITON_INTERPRET=1``), on CPU tensors too."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(kernel: str, x: torch.Tensor) -> bool:
+    """Whether a module set to ``kernel`` runs its Triton path on ``x``.
+
+    ``auto`` picks Triton for CUDA tensors only; ``triton`` insists, and says why it cannot run.
+    """
+    if kernel == "torch":
+        return False
+    if kernel == "auto":
+        return x.is_cuda and triton_available()
+    if not triton_available():
+        raise RuntimeError("kernel='triton' needs the triton package (it ships with CUDA builds of torch): "
+                           "install it, or use kernel='auto'")
+    if not x.is_cuda and not interpreting():
+        raise RuntimeError(f"kernel='triton' on a {x.device.type} tensor needs TRITON_INTERPRET=1 (Triton's "
+                           "interpreter): set it, move the model to a GPU, or use kernel='auto'")
+    return True
