@@ -10,7 +10,7 @@ import os
 
 import torch
 
-__all__ = ["KERNELS", "check_kernel", "interpreting", "triton_available", "use_triton"]
+__all__ = ["KERNELS", "check_kernel", "exporting", "interpreting", "triton_available", "use_triton"]
 
 KERNELS = ("auto", "triton", "torch")
 
@@ -37,12 +37,20 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def exporting() -> bool:
+    """Whether the model is being exported (ONNX, ``torch.export``): then every module runs plain ops,
+    which exporters translate, never custom kernels."""
+    is_exporting = getattr(torch.compiler, "is_exporting", None)  # torch >= 2.7
+    return torch.onnx.is_in_onnx_export() or (is_exporting is not None and is_exporting())
+
+
 def use_triton(kernel: str, x: torch.Tensor) -> bool:
     """Whether a module set to ``kernel`` runs its Triton path on ``x``.
 
     ``auto`` picks Triton for CUDA tensors only; ``triton`` insists, and says why it cannot run.
+    Under export neither does: exporters take plain ops only.
     """
-    if kernel == "torch":
+    if kernel == "torch" or exporting():
         return False
     if kernel == "auto":
         return x.is_cuda and triton_available()
