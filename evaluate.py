@@ -1,10 +1,11 @@
-"""Evaluate a checkpoint, or compare the runs of a sweep.
+"""Score a checkpoint, or compare the runs of a sweep.
 
 ``python evaluate.py checkpoint=PATH [ema=true] [throughput=true] [data overrides]`` prints, as its
 last stdout line, one JSON object with top1, top5, loss, images, params and flops (MACs per
 image at the evaluation resolution), and with throughput=true img_per_s (inference on
-synthetic batches of data.batch_size). ``python evaluate.py compare=MULTIRUN_DIR`` writes comparison.md,
-comparison.csv and comparison.png into that folder and prints the table.
+synthetic batches of data.batch_size). Only the data's ``val/`` folder is read.
+``python evaluate.py compare=MULTIRUN_DIR`` writes comparison.md, comparison.csv and
+comparison.png into that folder and prints the table.
 """
 import json
 from pathlib import Path
@@ -19,12 +20,11 @@ from scsa.benchmark import inference_throughput
 from scsa.cli import hydra_entry_point, run_task
 from scsa.compare import write_comparison
 from scsa.complexity import count_macs, count_params
-from scsa.models import create_model_from_config
 from scsa.engine import distributed
-from scsa.engine.checkpoint import load_checkpoint
 from scsa.engine.evaluator import evaluate
 from scsa.engine.precision import Precision
 from scsa.errors import UserError
+from scsa.trained import load_trained
 
 
 def data_config(cfg: DictConfig, stored: dict) -> DictConfig:
@@ -36,44 +36,30 @@ def data_config(cfg: DictConfig, stored: dict) -> DictConfig:
     return data
 
 
-def weights_key(cfg: DictConfig, checkpoint: dict) -> str:
-    """``model``, or ``model_ema`` with ema=true (the average kept by trainer.model_ema=true)."""
-    if not cfg.ema:
-        return "model"
-    if "model_ema" not in checkpoint:
-        raise UserError(f"'{cfg.checkpoint}' holds no EMA weights: train with trainer.model_ema=true, or drop ema=true")
-    return "model_ema"
-
-
-def compare(sweep_dir: str) -> None:
+def compare(cfg: DictConfig) -> None:
+    """``compare=DIR``: the sweep's table and chart, written into DIR."""
     try:
-        write_comparison(Path(sweep_dir))
+        write_comparison(Path(cfg.compare))
     except ValueError as e:
         raise UserError(str(e)) from None
-    print((Path(sweep_dir) / "comparison.md").read_text())
+    print((Path(cfg.compare) / "comparison.md").read_text())
 
 
-def run(cfg: DictConfig) -> dict:
-    checkpoint = load_checkpoint(cfg.checkpoint)
-    if "config" not in checkpoint or "model" not in checkpoint:
-        raise UserError(f"'{cfg.checkpoint}' is not a train.py checkpoint (no model/config): "
-                        f"pass checkpoints/last.pt or best.pt from a run dir")
-    weights = checkpoint[weights_key(cfg, checkpoint)]
-    stored = checkpoint["config"]
+def score(cfg: DictConfig) -> dict:
+    """``checkpoint=PATH``: top-1/top-5 and loss on the val split, params, MACs (and img/s)."""
+    trained = load_trained(cfg.checkpoint, ema=cfg.ema)
     with distributed.process_group(cfg.device) as (dist_info, device):
-        data = data_config(cfg, stored["data"])
+        data = data_config(cfg, trained.config["data"])
         loaders = build_loaders(data, rank=dist_info.rank, world_size=dist_info.world_size, device=device,
                                 seed=0, channels_last=False)
-        if loaders.classes != checkpoint["classes"]:
+        if loaders.classes != trained.classes:
             raise UserError(f"the data's {len(loaders.classes)} classes differ from the checkpoint's "
-                            f"{len(checkpoint['classes'])}: evaluate on the dataset the model was trained on")
-        model = create_model_from_config(stored["model"], stored["attention"], len(checkpoint["classes"]))
-        model.load_state_dict(weights)
-        model.to(device)
+                            f"{len(trained.classes)}: evaluate on the dataset the model was trained on")
+        model = trained.model.to(device)
         precision = Precision(cfg.amp, device)
         metrics = evaluate(model, loaders.val, precision, device)
         result = {**metrics, "params": count_params(model), "flops": count_macs(model, data.image_size),
-                  "model": stored["model"]["name"], "attention": stored["attention"]["name"],
+                  "model": trained.config["model"]["name"], "attention": trained.config["attention"]["name"],
                   "image_size": data.image_size, "checkpoint": cfg.checkpoint, "ema": bool(cfg.ema)}
         if cfg.throughput:
             result["img_per_s"] = inference_throughput(model, data.batch_size, data.image_size, precision, device)
@@ -82,17 +68,17 @@ def run(cfg: DictConfig) -> dict:
         return result
 
 
+def dispatch(cfg: DictConfig) -> None:
+    if cfg.compare:
+        return compare(cfg)
+    if cfg.checkpoint:
+        return score(cfg)
+    raise UserError("nothing to do: pass checkpoint=PATH or compare=MULTIRUN_DIR")
+
+
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     run_task(lambda: dispatch(cfg))
-
-
-def dispatch(cfg: DictConfig) -> None:
-    if cfg.compare:
-        return compare(cfg.compare)
-    if cfg.checkpoint:
-        return run(cfg)
-    raise UserError("nothing to do: pass checkpoint=PATH or compare=MULTIRUN_DIR")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,40 @@
+"""A trained model back from a train.py checkpoint: weights, run config and class names.
+
+What scoring, exporting and attention maps all start from, so each of them reads a
+checkpoint the same way.
+"""
+from dataclasses import dataclass
+from typing import Any, Dict, List
+
+import torch.nn as nn
+
+from scsa.engine.checkpoint import load_checkpoint
+from scsa.errors import UserError
+from scsa.models import create_model_from_config
+
+
+@dataclass
+class TrainedModel:
+    model: nn.Module          # eval mode, on the CPU, with the chosen weights loaded
+    config: Dict[str, Any]    # the run's resolved config (model, attention, data, ...)
+    classes: List[str]        # label order of the training data
+    checkpoint: Dict[str, Any]
+
+
+def load_trained(path: str, ema: bool = False, kernel: str = "auto") -> TrainedModel:
+    """The model of checkpoint ``path``: its weights, or with ``ema`` the model EMA's.
+
+    ``kernel`` replaces the attention kernel the run trained with: where a model runs is
+    the caller's choice, not the checkpoint's.
+    """
+    checkpoint = load_checkpoint(path)
+    if "config" not in checkpoint or "model" not in checkpoint:
+        raise UserError(f"'{path}' is not a train.py checkpoint (no model/config): "
+                        f"pass checkpoints/last.pt or best.pt from a run dir")
+    if ema and "model_ema" not in checkpoint:
+        raise UserError(f"'{path}' holds no EMA weights: train with trainer.model_ema=true, or drop ema=true")
+    config = checkpoint["config"]
+    attention = {**config["attention"], "kwargs": {**config["attention"]["kwargs"], "kernel": kernel}}
+    model = create_model_from_config(config["model"], attention, len(checkpoint["classes"]))
+    model.load_state_dict(checkpoint["model_ema" if ema else "model"])
+    return TrainedModel(model.eval(), config, list(checkpoint["classes"]), checkpoint)
