@@ -11,6 +11,7 @@ from typing import Any, Dict
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -91,11 +92,18 @@ def configure_backends(trainer: DictConfig, seed: int, rank: int, device: torch.
         torch.backends.cudnn.allow_tf32 = True
 
 
+def sweep_group() -> "str | None":
+    """The sweep a --multirun job belongs to (its sweep dir): the W&B group of all its runs."""
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg.sweep.dir if hydra_cfg.mode == RunMode.MULTIRUN else None
+
+
 def start_tracking(cfg: DictConfig, run_dir: Path, is_main: bool, run_id: "str | None") -> Tracker:
     try:
         wandb_run = WandbRun(cfg.wandb.mode, cfg.wandb.project, run_dir, OmegaConf.to_container(cfg, resolve=True),
-                             name=f"{cfg.model.name}-{cfg.attention.name}",
-                             tags=[cfg.model.name, cfg.attention.name, cfg.data.name], run_id=run_id, enabled=is_main)
+                             name=f"{cfg.model.name}-{cfg.attention.name}-seed{cfg.seed}",
+                             tags=[cfg.model.name, cfg.attention.name, cfg.data.name, f"seed{cfg.seed}"],
+                             group=sweep_group(), run_id=run_id, enabled=is_main)
     except ValueError as e:
         raise UserError(f"{e}: set wandb.mode accordingly") from None
     return Tracker(run_dir, is_main, wandb_run)

@@ -15,7 +15,7 @@ MODES = ("offline", "online", "disabled")
 
 class WandbRun:
     def __init__(self, mode: str, project: str, run_dir: Path, config: Dict[str, Any], name: str,
-                 tags: List[str], run_id: Optional[str] = None, enabled: bool = True):
+                 tags: List[str], group: Optional[str] = None, run_id: Optional[str] = None, enabled: bool = True):
         if mode not in MODES:
             raise ValueError(f"wandb mode '{mode}' is not one of {', '.join(MODES)}")
         self._run = None
@@ -35,7 +35,7 @@ class WandbRun:
         # an offline run online. finish_previous: Hydra multirun runs its jobs in one process, and
         # the default ("return_previous") would hand a job the run of the one before if that one
         # died unfinished.
-        self._run = wandb.init(project=project, name=name, tags=list(tags), config=config, dir=str(run_dir),
+        self._run = wandb.init(project=project, name=name, group=group, tags=list(tags), config=config, dir=str(run_dir),
                                mode=mode, id=run_id, resume="allow" if run_id else None,
                                reinit="finish_previous",
                                settings=wandb.Settings(silent=True, console="off"))  # train.log has the console
