@@ -56,6 +56,7 @@ class _Tally:
         self.launches = 0
         self.passes = 0.0
         self.ops: Dict[str, int] = collections.Counter()
+        self.launching = False  # inside a Triton launch: the interpreter's own tensor copies are not ops
 
     def add(self, name: str, tensors: List[Any]) -> None:
         self.launches += 1
@@ -83,7 +84,8 @@ class _AtenCounter(TorchDispatchMode):
                 with self:
                     return opdef._init_fn(*args, **kwargs)
         out = func(*args, **kwargs)
-        if isinstance(func, torch._ops.OpOverload) and func.namespace == "aten" and not _free(func):
+        if (isinstance(func, torch._ops.OpOverload) and func.namespace == "aten" and not _free(func)
+                and not self.tally.launching):
             self.tally.add(str(func.overloadpacket.__name__), tree_flatten((args, kwargs, out))[0])
         return out
 
@@ -115,9 +117,14 @@ def _triton_hook(tally: _Tally) -> Iterator[None]:
 
     def wrap(run):
         def counted_run(self, *args, **kwargs):
-            if not kwargs.get("warmup", False):
-                tally.add(getattr(self, "__name__", type(self).__name__), [*args, *kwargs.values()])
-            return run(self, *args, **kwargs)
+            if kwargs.get("warmup", False) or tally.launching:
+                return run(self, *args, **kwargs)
+            tally.add(getattr(self, "__name__", type(self).__name__), [*args, *kwargs.values()])
+            tally.launching = True
+            try:
+                return run(self, *args, **kwargs)
+            finally:
+                tally.launching = False
         return counted_run
 
     try:
