@@ -7,13 +7,14 @@ Configurations are timed in interleaved rounds (a noisy machine slows all of the
 and reported as medians, with each one's speed relative to attention=none.
 """
 import argparse
+import functools
 import itertools
 import json
 import platform
 import statistics
 import subprocess
 import time
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +31,21 @@ def bools(text: str) -> List[bool]:
 def make_step(model_name: str, attention: str, amp: str, channels_last: bool, compile_model: bool,
               batch_size: int, image_size: int, device: torch.device) -> Callable[[], None]:
     """One SGD training step of the configuration on a fixed synthetic batch."""
-    model = scsa.create_model(model_name, attention).to(device)
+    return training_step(scsa.create_model(model_name, attention), amp, channels_last, compile_model,
+                         batch_size, image_size, device)
+
+
+def training_step(model: torch.nn.Module, amp: str, channels_last: bool, compile_model: bool, batch_size: int,
+                  image_size: int, device: torch.device, num_classes: int = 1000) -> Callable[[], None]:
+    """One SGD training step of ``model`` (``num_classes`` outputs) on a fixed synthetic batch."""
+    model = model.to(device)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     model = model.to(memory_format=memory_format).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=1e-4)
     precision = Precision(amp, device)
     forward = torch.compile(model) if compile_model else model
     images = torch.randn(batch_size, 3, image_size, image_size, device=device).contiguous(memory_format=memory_format)
-    labels = torch.randint(0, 1000, (batch_size,), device=device)
+    labels = torch.randint(0, num_classes, (batch_size,), device=device)
 
     def step() -> None:
         with precision.autocast():
@@ -78,6 +86,28 @@ def inference_throughput(model: torch.nn.Module, batch_size: int, image_size: in
     return batch_size / timed(step, steps, device)
 
 
+def interleaved(builders: Sequence[Callable[[], Callable[[], None]]], warmup: int, steps: int, rounds: int,
+                device: torch.device) -> List[Tuple[float, Optional[float]]]:
+    """Median seconds per step and peak GiB (CUDA; else None) of each built step.
+
+    Each step is built and warmed up (compilation, cudnn autotuning) one at a time, then all
+    are timed in ``rounds`` interleaved rounds of ``steps`` steps: a noisy machine slows them alike.
+    """
+    built, peaks = [], []
+    for build in builders:
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        step = build()
+        timed(step, warmup, device)
+        built.append(step)
+        peaks.append(torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+    seconds: List[List[float]] = [[] for _ in built]
+    for _ in range(rounds):
+        for i, step in enumerate(built):
+            seconds[i].append(timed(step, steps, device))
+    return [(statistics.median(times), peak) for times, peak in zip(seconds, peaks)]
+
+
 def run(args: argparse.Namespace) -> List[Dict]:
     device = pick_device(args.device, 0)
     if device.type == "cpu" and args.threads:
@@ -88,22 +118,10 @@ def run(args: argparse.Namespace) -> List[Dict]:
     configs = [dict(model=m, attention=a, amp=p, channels_last=c, compile=k) for m, p, c, k, a in itertools.product(
         args.models.split(","), args.amp.split(","), bools(args.channels_last), bools(args.compile),
         args.attentions.split(","))]
-    steps, peaks = [], []
-    for config in configs:  # build and warm up (compilation, cudnn autotuning) one at a time
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        step = make_step(config["model"], config["attention"], config["amp"], config["channels_last"],
-                         config["compile"], args.batch_size, args.image_size, device)
-        timed(step, args.warmup, device)
-        steps.append(step)
-        peaks.append(torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
-    seconds = [[] for _ in configs]
-    for _ in range(args.rounds):
-        for i, step in enumerate(steps):
-            seconds[i].append(timed(step, args.steps, device))
+    builders = [functools.partial(make_step, c["model"], c["attention"], c["amp"], c["channels_last"], c["compile"],
+                                  args.batch_size, args.image_size, device) for c in configs]
     results = []
-    for config, times, peak in zip(configs, seconds, peaks):
-        median = statistics.median(times)
+    for config, (median, peak) in zip(configs, interleaved(builders, args.warmup, args.steps, args.rounds, device)):
         results.append({**config, "batch_size": args.batch_size, "image_size": args.image_size,
                         "img_per_s": args.batch_size / median, "ms_per_step": 1000 * median,
                         "peak_mem_gib": peak, "device": device_name(device)})
