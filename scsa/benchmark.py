@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import scsa
 from scsa.engine.distributed import pick_device
-from scsa.engine.precision import Precision
+from scsa.engine.precision import Precision, configure_backends
 
 
 def bools(text: str) -> List[bool]:
@@ -112,9 +112,7 @@ def run(args: argparse.Namespace) -> List[Dict]:
     device = pick_device(args.device, 0)
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    configure_backends(device, deterministic=False)
     configs = [dict(model=m, attention=a, amp=p, channels_last=c, compile=k) for m, p, c, k, a in itertools.product(
         args.models.split(","), args.amp.split(","), bools(args.channels_last), bools(args.compile),
         args.attentions.split(","))]
