@@ -2,9 +2,10 @@
 import math
 from typing import Union
 
+import torch
 from timm.layers import EcaModule
 
-from scsa.attention.kernels import check_kernel
+from scsa.attention.kernels import check_kernel, use_triton
 
 __all__ = ["ECA", "eca_kernel_size"]
 
@@ -36,3 +37,9 @@ class ECA(EcaModule):
     def __init__(self, channels: int, k_size: Union[int, str] = "scsa", kernel: str = "auto"):
         super().__init__(channels=None, kernel_size=eca_kernel_size(channels, k_size))
         self.kernel = check_kernel(kernel)  # auto | triton | torch: see scsa.attention.kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(self.kernel, x):
+            from scsa.attention.kernels.eca import eca  # Triton kernels are defined on first use
+            return eca(x, self.conv.weight)
+        return super().forward(x)

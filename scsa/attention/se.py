@@ -1,7 +1,8 @@
 """SE: squeeze-and-excitation (Hu et al., CVPR 2018), as in the SCSA authors' comparisons."""
+import torch
 from timm.layers import SEModule
 
-from scsa.attention.kernels import check_kernel
+from scsa.attention.kernels import check_kernel, use_triton
 
 __all__ = ["SE"]
 
@@ -16,3 +17,9 @@ class SE(SEModule):
     def __init__(self, channels: int, reduction: int = 16, kernel: str = "auto"):
         super().__init__(channels, rd_channels=max(1, channels // reduction), bias=False)
         self.kernel = check_kernel(kernel)  # auto | triton | torch: see scsa.attention.kernels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(self.kernel, x):
+            from scsa.attention.kernels.se import se  # Triton kernels are defined on first use
+            return se(x, self.fc1.weight.flatten(1), self.fc2.weight.flatten(1))
+        return super().forward(x)
