@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 from timm.layers.cbam import ChannelAttn
 
-from scsa.attention.kernels import check_kernel
+from scsa.attention.kernels import check_kernel, use_triton
 
 __all__ = ["CBAM"]
 
@@ -33,4 +33,7 @@ class CBAM(nn.Module):
         self.spatial = SpatialGate(kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(self.kernel, x):
+            from scsa.attention.kernels.cbam import cbam  # Triton kernels are defined on first use
+            return cbam(x, self.channel.fc1.weight.flatten(1), self.channel.fc2.weight.flatten(1), self.spatial.conv.weight)
         return self.spatial(self.channel(x))

@@ -260,8 +260,9 @@ def _mlp_bwd_w_kernel(t, a, s, hid, dhid, dw1, dw2, B, C, R, P: tl.constexpr,
 # ----------------------------------------------------------------------------- launchers
 
 def reduce_n(x: torch.Tensor, y: Optional[torch.Tensor] = None, scale: float = 1.0,
-             with_max: bool = False) -> Tuple[torch.Tensor, ...]:
-    """Per (b, c): ``scale * sum_n x (* y)`` as (B, C) fp32; with ``with_max`` also max_n x and its tie count."""
+             with_max: bool = False) -> torch.Tensor:
+    """Per (b, c): ``scale * sum_n x (* y)``, and with ``with_max`` also max_n x and its tie count:
+    (1 or 3, B, C) fp32."""
     b, c, h, w = x.shape
     x, sxb, sxc, sxn = flat(x)
     y, syb, syc, syn = flat(y) if y is not None else (x, sxb, sxc, sxn)
@@ -271,7 +272,7 @@ def reduce_n(x: torch.Tensor, y: Optional[torch.Tensor] = None, scale: float = 1
                                               out[2 % len(out)],
                                               c, h * w, scale, HAS_Y=y is not x, WITH_MAX=with_max,
                                               BLOCK_C=bc, BLOCK_N=bn)
-    return tuple(out)
+    return out
 
 
 def scale_add(src: torch.Tensor, a: Optional[torch.Tensor] = None, s: Optional[torch.Tensor] = None,
