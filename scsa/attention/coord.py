@@ -7,7 +7,7 @@ bias-free squeeze conv, biased expand convs and width ``max(8, C / 32)``.
 import torch
 import torch.nn as nn
 
-from scsa.attention.kernels import check_kernel
+from scsa.attention.kernels import check_kernel, use_triton
 
 __all__ = ["CoordAttention"]
 
@@ -26,6 +26,10 @@ class CoordAttention(nn.Module):
         self.conv_w = nn.Conv2d(hidden, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(self.kernel, x):
+            from scsa.attention.kernels.coord import coord_attention  # Triton kernels are defined on first use
+            return coord_attention(x, self.conv1.weight.flatten(1), self.bn1, self.conv_h.weight.flatten(1),
+                                   self.conv_h.bias, self.conv_w.weight.flatten(1), self.conv_w.bias)
         h, w = x.shape[2:]
         x_h = x.mean(3, keepdim=True)  # (B, C, H, 1)
         x_w = x.mean(2, keepdim=True).transpose(2, 3)  # (B, C, W, 1)

@@ -12,14 +12,14 @@ Kernels:
 * ``reduce_n``: per (b, c), the sum over N of ``x`` (or ``x * y``), optionally also the maximum
   and how many elements reach it (a maximum's gradient is shared among ties, as in ``amax``);
 * ``scale_add``: ``out = src * A[b, c] * S[b, c // CG, n] * AH[b, c, h] * AW[b, c, w]
-  + da_scale * DA[b, c] + DH[b, c, h] + DW[b, c, w]``, each factor and term optional: every gate
+  + DA[b, c] + DH[b, c, h] + DW[b, c, w]`` (each term scaled), each factor and term optional: every gate
   multiply, and the dL/dx of modules whose input gradient is of that form;
 * ``strips``: the row and column sums (over W and over H) of ``x``, or of ``x * y`` weighted
-  by column and row gates, in one pass;
+  by column and row gates, in one pass, into one (B, C, H + W) tensor;
 * ``mlp_fwd``, ``mlp_bwd_h``, ``mlp_bwd_w``: the bias-free ``C -> R -> C`` channel MLP of SE
   and CBAM (ReLU inside, sigmoid of the sum over the pooled inputs outside), fused.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -101,7 +101,8 @@ def _reduce_n_kernel(x, sxb, sxc, sxn, y, syb, syc, syn, out_sum, out_max, out_c
 
 
 @triton.jit
-def _scale_add_kernel(src, ssb, ssc, ssn, out, sob, soc, son, A, S, AH, AW, DA, DH, DW, C, N, H, W, CG, G, da_scale,
+def _scale_add_kernel(src, ssb, ssc, ssn, out, sob, soc, son, A, S, AH, AW, DA, DH, DW, C, N, H, W, CG, G, LH, LW,
+                      da_scale, dh_scale, dw_scale,
                       HAS_A: tl.constexpr, HAS_S: tl.constexpr, HAS_HW: tl.constexpr,
                       ADD_A: tl.constexpr, ADD_HW: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     b = tl.program_id(0)
@@ -119,20 +120,22 @@ def _scale_add_kernel(src, ssb, ssc, ssn, out, sob, soc, son, A, S, AH, AW, DA, 
         w = (n % W)[None, :]
         row = (b * C + c)[:, None]
     if HAS_HW:
-        v *= tl.load(AH + row * H + h, mask=m, other=0.0) * tl.load(AW + row * W + w, mask=m, other=0.0)
+        v *= tl.load(AH + row * LH + h, mask=m, other=0.0) * tl.load(AW + row * LW + w, mask=m, other=0.0)
     if ADD_A:
         v += tl.load(DA + b * C + c, mask=mc, other=0.0)[:, None] * da_scale
     if ADD_HW:
-        v += tl.load(DH + row * H + h, mask=m, other=0.0) + tl.load(DW + row * W + w, mask=m, other=0.0)
+        v += (tl.load(DH + row * LH + h, mask=m, other=0.0) * dh_scale
+              + tl.load(DW + row * LW + w, mask=m, other=0.0) * dw_scale)
     tl.store(out + b.to(tl.int64) * sob + c[:, None] * soc + n[None, :] * son, v.to(out.dtype.element_ty), mask=m)
 
 
 @triton.jit
-def _strips_kernel(x, sxb, sxc, sxh, sxw, y, syb, syc, syh, syw, AH, AW, rows, cols, C, H, W, row_scale, col_scale,
+def _strips_kernel(x, sxb, sxc, sxh, sxw, y, syb, syc, syh, syw, gates, out, C, H, W, row_scale, col_scale,
                    HAS_Y: tl.constexpr, GATED: tl.constexpr,
                    BLOCK_C: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_W: tl.constexpr):
-    """rows[b, c, h] = sum_w v * AW[b, c, w], cols[b, c, w] = sum_h v * AH[b, c, h] (gates if GATED),
-    v = x (* y); one program per (b, block of channels) walks all rows (BLOCK_W covers W)."""
+    """out[b, c, h] = sum_w v * a_w[b, c, w] and out[b, c, H + w] = sum_h v * a_h[b, c, h] (gates
+    (B, C, H + W) laid out as out, if GATED), v = x (* y); one program per (b, block of channels)
+    walks all rows (BLOCK_W covers W)."""
     b = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     c3 = c[:, None, None]
@@ -141,7 +144,7 @@ def _strips_kernel(x, sxb, sxc, sxh, sxw, y, syb, syc, syh, syw, AH, AW, rows, c
     xb = x + b.to(tl.int64) * sxb + c3 * sxc + w3 * sxw
     yb = y + b.to(tl.int64) * syb + c3 * syc + w3 * syw
     if GATED:
-        gw = tl.load(AW + (b * C + c3) * W + w3, mask=mcw, other=0.0)
+        gw = tl.load(gates + (b * C + c3) * (H + W) + H + w3, mask=mcw, other=0.0)
     col = tl.zeros([BLOCK_C, 1, BLOCK_W], dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         h3 = h0 + tl.arange(0, BLOCK_H)[None, :, None]
@@ -152,13 +155,13 @@ def _strips_kernel(x, sxb, sxc, sxh, sxw, y, syb, syc, syh, syw, AH, AW, rows, c
         h2 = h0 + tl.arange(0, BLOCK_H)[None, :]
         c2 = c[:, None]
         if GATED:
-            gh = tl.load(AH + (b * C + c3) * H + h3, mask=(c3 < C) & (h3 < H), other=0.0)
-            tl.store(rows + (b * C + c2) * H + h2, tl.sum(v * gw, 2) * row_scale, mask=(c2 < C) & (h2 < H))
+            gh = tl.load(gates + (b * C + c3) * (H + W) + h3, mask=(c3 < C) & (h3 < H), other=0.0)
+            tl.store(out + (b * C + c2) * (H + W) + h2, tl.sum(v * gw, 2) * row_scale, mask=(c2 < C) & (h2 < H))
             col += tl.sum(v * gh, 1)[:, None, :]
         else:
-            tl.store(rows + (b * C + c2) * H + h2, tl.sum(v, 2) * row_scale, mask=(c2 < C) & (h2 < H))
+            tl.store(out + (b * C + c2) * (H + W) + h2, tl.sum(v, 2) * row_scale, mask=(c2 < C) & (h2 < H))
             col += tl.sum(v, 1)[:, None, :]
-    tl.store(cols + (b * C + c3) * W + w3, col * col_scale, mask=mcw)
+    tl.store(out + (b * C + c3) * (H + W) + H + w3, col * col_scale, mask=mcw)
 
 
 @triton.jit
@@ -278,10 +281,12 @@ def reduce_n(x: torch.Tensor, y: Optional[torch.Tensor] = None, scale: float = 1
 def scale_add(src: torch.Tensor, a: Optional[torch.Tensor] = None, s: Optional[torch.Tensor] = None,
               ah: Optional[torch.Tensor] = None, aw: Optional[torch.Tensor] = None,
               da: Optional[torch.Tensor] = None, dh: Optional[torch.Tensor] = None,
-              dw: Optional[torch.Tensor] = None, da_scale: float = 1.0,
+              dw: Optional[torch.Tensor] = None, da_scale: float = 1.0, dh_scale: float = 1.0, dw_scale: float = 1.0,
               like: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``src * a[b,c] * s[b, g(c), n] * ah[b,c,h] * aw[b,c,w] + da_scale * da[b,c] + dh[b,c,h] + dw[b,c,w]``,
-    any factor or term None; ``s`` is (B, G, N) for G channel groups. Laid out as ``new_map(like or src)``."""
+    """``src * a[b,c] * s[b, g(c), n] * ah[b,c,h] * aw[b,c,w] + da_scale * da[b,c] + dh_scale * dh[b,c,h]
+    + dw_scale * dw[b,c,w]``, any factor or term None (dh and dw go together); ``s`` is (B, G, N) for G
+    channel groups. The strip tensors may be views into a (B, C, H + W) buffer: ``ah`` and ``dh`` share
+    one row stride, ``aw`` and ``dw`` another. Laid out as ``new_map(like or src)``."""
     b, c, h, w = src.shape
     out = new_map(src if like is None else like)
     src, ssb, ssc, ssn = flat(src)
@@ -289,32 +294,34 @@ def scale_add(src: torch.Tensor, a: Optional[torch.Tensor] = None, s: Optional[t
     groups = s.shape[1] if s is not None else 1
     bc, bn = nc_blocks(src, c, h * w)
     d = src  # stands in for the pointers a launch does not use
+    lh = (ah if ah is not None else dh if dh is not None else src).stride(1)
+    lw = (aw if aw is not None else dw if dw is not None else src).stride(1)
     _scale_add_kernel[(b, triton.cdiv(c, bc), triton.cdiv(h * w, bn))](
         src, ssb, ssc, ssn, out, sob, soc, son, d if a is None else a, d if s is None else s,
         d if ah is None else ah, d if aw is None else aw, d if da is None else da,
-        d if dh is None else dh, d if dw is None else dw, c, h * w, h, w, c // groups, groups, da_scale,
-        HAS_A=a is not None, HAS_S=s is not None, HAS_HW=ah is not None, ADD_A=da is not None,
-        ADD_HW=dh is not None, BLOCK_C=bc, BLOCK_N=bn)
+        d if dh is None else dh, d if dw is None else dw, c, h * w, h, w, c // groups, groups, lh, lw,
+        da_scale, dh_scale, dw_scale, HAS_A=a is not None, HAS_S=s is not None, HAS_HW=ah is not None,
+        ADD_A=da is not None, ADD_HW=dh is not None, BLOCK_C=bc, BLOCK_N=bn)
     return out
 
 
-def strips(x: torch.Tensor, y: Optional[torch.Tensor] = None, ah: Optional[torch.Tensor] = None,
-           aw: Optional[torch.Tensor] = None, mean: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Row sums (B, C, H) and column sums (B, C, W) of ``x`` (* ``y``), rows weighted by ``aw`` and
-    columns by ``ah`` when given; means instead of sums with ``mean``. fp32."""
+def strips(x: torch.Tensor, y: Optional[torch.Tensor] = None, gates: Optional[torch.Tensor] = None,
+           mean: bool = False) -> torch.Tensor:
+    """Row sums (over W) and column sums (over H) of ``x`` (* ``y``) as one (B, C, H + W) fp32 tensor,
+    rows first; with ``gates`` (B, C, H + W), rows weighted by its column part and columns by its
+    row part; means instead of sums with ``mean``."""
     b, c, h, w = x.shape
     y = x if y is None else y
-    rows = torch.empty(b, c, h, dtype=torch.float32, device=x.device)
-    cols = torch.empty(b, c, w, dtype=torch.float32, device=x.device)
+    out = torch.empty(b, c, h + w, dtype=torch.float32, device=x.device)
     bw = pow2(w)
     budget = tile_budget()
     bh = min(pow2(h), max(1, budget // (bw * 16)))
     bc = min(pow2(c), max(1, budget // (bw * bh)))
     _strips_kernel[(b, triton.cdiv(c, bc))](
-        x, *x.stride(), y, *y.stride(), x if ah is None else ah, x if aw is None else aw, rows, cols,
-        c, h, w, 1.0 / w if mean else 1.0, 1.0 / h if mean else 1.0, HAS_Y=y is not x, GATED=ah is not None,
+        x, *x.stride(), y, *y.stride(), x if gates is None else gates, out, c, h, w,
+        1.0 / w if mean else 1.0, 1.0 / h if mean else 1.0, HAS_Y=y is not x, GATED=gates is not None,
         BLOCK_C=bc, BLOCK_H=bh, BLOCK_W=bw)
-    return rows, cols
+    return out
 
 
 def _mlp_blocks(c: int, r: int) -> Tuple[int, int, int]:
@@ -349,14 +356,17 @@ def mlp_backward(t: torch.Tensor, a: torch.Tensor, s: torch.Tensor, hid: torch.T
     return ds, dw1, dw2
 
 
-def register_autograd(forward_op, backward_op, differentiable: Sequence[int]) -> None:
+def register_autograd(forward_op, backward_op, differentiable: Sequence[int],
+                      unsaved: Callable[[tuple], Sequence[int]] = lambda inputs: ()) -> None:
     """Autograd for ``forward_op``, whose outputs are ``(out, *saved)``: the saved outputs are not
     differentiable; ``backward_op(dout, *inputs, *saved)`` returns the gradients of the inputs at
-    positions ``differentiable``, every other input gets None."""
+    positions ``differentiable``, every other input gets None. Inputs at ``unsaved(inputs)`` reach
+    the backward as None (buffers the forward updates in place and the backward does not read)."""
 
     def setup_context(ctx, inputs, output):
-        ctx.saved_tensors_at = [i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor)]
-        ctx.others = {i: v for i, v in enumerate(inputs) if not isinstance(v, torch.Tensor)}
+        skip = set(unsaved(inputs))
+        ctx.saved_tensors_at = [i for i, v in enumerate(inputs) if isinstance(v, torch.Tensor) and i not in skip]
+        ctx.others = {i: v for i, v in enumerate(inputs) if not isinstance(v, torch.Tensor) and i not in skip}
         ctx.n_inputs = len(inputs)
         ctx.save_for_backward(*(inputs[i] for i in ctx.saved_tensors_at), *output[1:])
         ctx.mark_non_differentiable(*output[1:])
