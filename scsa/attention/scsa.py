@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from scsa.attention.kernels import check_kernel
+from scsa.attention.kernels import check_kernel, exporting, use_triton
 
 __all__ = ["SCSA"]
 
@@ -312,7 +312,10 @@ class SCSA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"SCSA({self.channels}) expects (B, {self.channels}, H, W), got {tuple(x.shape)}")
-        if torch.compiler.is_compiling():
+        if use_triton(self.kernel, x):
+            from scsa.attention.kernels.scsa import scsa_triton  # imports triton: only on this path
+            return scsa_triton(self, x)
+        if torch.compiler.is_compiling() or exporting():
             return self._forward_traceable(x)
         strip_params = [t for n in _STRIP_CONVS for t in (getattr(self, n).weight, getattr(self, n).bias)]
         strip_params += [self.norm_h.weight, self.norm_h.bias, self.norm_w.weight, self.norm_w.bias]
@@ -331,8 +334,9 @@ class SCSA(nn.Module):
         """The same function in plain tensor ops, for ``torch.compile``.
 
         The eager path's autograd Functions carry Python state between them, which TorchDynamo
-        cannot trace (a graph break per block); in one graph, inductor fuses the passes over
-        the big tensor by itself. Gates in fp32, the big tensor in its own dtype.
+        cannot trace (a graph break per block) and exporters cannot translate (ONNX export runs
+        this too); in one graph, inductor fuses the passes over the big tensor by itself. Gates in
+        fp32, the big tensor in its own dtype.
         """
         b, c, h, w = x.shape
         with torch.autocast(device_type=x.device.type, enabled=False):
