@@ -12,18 +12,19 @@ MODELS = (*RESNET_LAYOUTS, "mobilenetv2")
 
 
 def create_model(name: str, attention: str = "none", num_classes: int = 1000,
-                 position: Optional[str] = None, drop_rate: Optional[float] = None,
+                 position: Optional[str] = None, drop_rate: Optional[float] = None, in_chans: int = 3,
                  **attention_kwargs) -> nn.Module:
     """Build backbone ``name`` with ``attention`` in every block.
 
     ``position`` is ``mid`` or ``end`` (see ``scsa.attention``), by default the module's own
     (``scsa.attention.default_position``); ``attention_kwargs`` go to its constructor.
+    ``in_chans``: input image channels (timm's name; 3 for RGB).
     """
     if name not in MODELS:
         raise ValueError(f"unknown model '{name}': choose one of {', '.join(MODELS)}")
     attn_layer = None if attention == "none" else partial(create_attention, attention, **attention_kwargs)
     position = position or default_position(attention)
-    extra = {} if drop_rate is None else {"drop_rate": drop_rate}
+    extra = {"in_chans": in_chans, **({} if drop_rate is None else {"drop_rate": drop_rate})}
     if name == "mobilenetv2":
         return build_mobilenetv2(attn_layer, position, num_classes, **extra)
     return build_resnet(name, attn_layer, position, num_classes, **extra)

@@ -53,18 +53,27 @@ class InvertedResidual(nn.Module):
 
 
 class MobileNetV2(nn.Module):
+    """``feature_info`` names the last block at each reduction (2, 4, 8, 16, 32), as timm's own
+    MobileNetV2 reports them, for ``features_only`` backbones."""
+
     def __init__(self, num_classes: int = 1000, width_mult: float = 1.0, drop_rate: float = 0.2,
                  attn_layer: Optional[AttnFactory] = None, attn_position: str = "mid",
-                 zero_init_last: bool = True):
+                 zero_init_last: bool = True, in_chans: int = 3):
         super().__init__()
+        self.num_classes = num_classes
         in_chs = make_divisible(32 * width_mult, 8)
         self.num_features = make_divisible(1280 * max(1.0, width_mult), 8)
-        layers = [ConvNormAct(3, in_chs, 3, stride=2, act_layer=nn.ReLU6)]
+        layers = [ConvNormAct(in_chans, in_chs, 3, stride=2, act_layer=nn.ReLU6)]
+        stage_ends, reduction = {}, 2  # reduction -> the feature of the last block at it
         for t, c, n, s in INVERTED_RESIDUAL_SETTING:
             out_chs = make_divisible(c * width_mult, 8)
+            reduction *= s
             for i in range(n):
                 layers.append(InvertedResidual(in_chs, out_chs, s if i == 0 else 1, t, attn_layer, attn_position))
                 in_chs = out_chs
+                stage_ends[reduction] = dict(num_chs=out_chs, reduction=reduction,
+                                             module=f"features.{len(layers) - 1}")
+        self.feature_info = list(stage_ends.values())
         layers.append(ConvNormAct(in_chs, self.num_features, 1, act_layer=nn.ReLU6))
         self.features = nn.Sequential(*layers)
         self.global_pool = nn.AdaptiveAvgPool2d(1)
@@ -97,6 +106,6 @@ class MobileNetV2(nn.Module):
 
 
 def build_mobilenetv2(attn_layer: Optional[AttnFactory], attn_position: str, num_classes: int,
-                      drop_rate: float = 0.2) -> MobileNetV2:
-    return MobileNetV2(num_classes=num_classes, drop_rate=drop_rate,
-                       attn_layer=attn_layer, attn_position=attn_position)
+                      drop_rate: float = 0.2, in_chans: int = 3) -> MobileNetV2:
+    return MobileNetV2(num_classes=num_classes, drop_rate=drop_rate, attn_layer=attn_layer,
+                       attn_position=attn_position, in_chans=in_chans)

@@ -77,11 +77,12 @@ RESNET_LAYOUTS = {
 }
 
 
-def build_resnet(name: str, attn_layer: Optional[AttnFactory], attn_position: str,
-                 num_classes: int, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> timm_resnet.ResNet:
+def build_resnet(name: str, attn_layer: Optional[AttnFactory], attn_position: str, num_classes: int,
+                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, in_chans: int = 3) -> timm_resnet.ResNet:
     """torchvision-equivalent ResNet (same parameter count) with attention in every block."""
     block, layers = RESNET_LAYOUTS[name]
     return timm_resnet.ResNet(
-        block, layers, num_classes=num_classes, drop_rate=drop_rate, drop_path_rate=drop_path_rate,
+        block, layers, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
+        drop_path_rate=drop_path_rate,
         block_args=dict(attn_layer=attn_layer, attn_position=attn_position),
     )
