@@ -1,26 +1,26 @@
-"""NVIDIA DALI input pipelines for ImageFolder datasets, wrapped as the trainer's loaders.
+"""The NVIDIA DALI backend for ImageFolder datasets.
 
 Why DALI: on ImageNet the input cost is JPEG decoding plus random-resized-crop. DALI fuses the
 two (only the crop window is decoded), runs them on the GPU ("mixed" decoder) or on native CPU
-threads, and needs no Python worker processes.
+threads, and needs no Python worker processes. Batches come out as uint8 NHWC seen as NCHW
+(channels_last strides, no copy); ``data.device`` normalises them on the device, and lays
+them out as the run asks, as it does the torchvision backend's.
 
 Sharding: the file reader is split by global rank. Train shards are re-drawn every epoch from one
 global shuffle shared by all ranks (``shuffle_after_epoch``; ``random_shuffle`` only shuffles
-inside a buffer and, unpadded, let shards overlap from the second epoch on), so each epoch covers
-every image exactly once. Shards are padded to equal length (``pad_last_batch``) and the padding
-is stripped here, with the semantics of ``LastBatchPolicy.PARTIAL``:
+inside a buffer and, unpadded, let shards overlap from the second epoch on). Shards are padded to
+equal length (``pad_last_batch``), so every rank has the same number of batches:
 
-* val: a batch left with no real rows is not yielded, so ranks together count each image once;
-* train: every rank yields ``len(loader)`` non-empty batches, as DDP needs equal step counts. In
-  the corner case where a rank's last batch would hold only padding it keeps one padded row (a
-  repeat of its shard's last image), like ``DistributedSampler`` padding.
+* train: the last partial batch is dropped (as timm and torchvision do): ``floor(floor(N / world)
+  / batch)`` full batches per rank, the torchvision backend's count;
+* val: the padding is stripped and a batch left with no real rows is not yielded, so ranks
+  together count each image once.
 """
 import math
 from pathlib import Path
-from typing import Collection, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
-from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
 
 from scsa.errors import UserError
 
@@ -38,8 +38,6 @@ PREFETCH = 2  # batches DALI runs ahead of the consumer
 DEVICE_MEMORY_PADDING = 211025920
 HOST_MEMORY_PADDING = 140544512
 RANDAUGMENT_LEVELS = 10  # timm's magnitude scale: m=10 is each op's strongest setting
-# DALI type names (DALI may be missing at import). DALI has no bfloat16 output: float32, cast once on the device.
-_DALI_DTYPES = {torch.float32: "FLOAT", torch.float16: "FLOAT16", torch.bfloat16: "FLOAT"}
 
 
 def dali_available() -> bool:
@@ -49,21 +47,6 @@ def dali_available() -> bool:
 
 class CorruptImageError(UserError):
     """An image DALI cannot decode; the message names the file and how to skip it."""
-
-
-def list_images(root: str, split: str, skip_files: Collection[str] = ()) -> Tuple[List[str], List[int], List[str]]:
-    """``split``'s image paths relative to ``root``, their labels and the class names.
-
-    Uses torchvision's own folder walk, so labels are ImageFolder's indices. ``skip_files`` are
-    paths relative to ``root`` (as ``python -m data.scan`` writes them).
-    """
-    skip = {str(Path(f)) for f in skip_files}
-    split_dir = Path(root) / split
-    classes, class_to_idx = find_classes(str(split_dir))
-    samples = make_dataset(str(split_dir), class_to_idx, allow_empty=True, is_valid_file=lambda p: (
-        p.lower().endswith(IMG_EXTENSIONS) and str(Path(p).relative_to(root)) not in skip))
-    files = [str(Path(path).relative_to(root)) for path, _ in samples]
-    return files, [label for _, label in samples], classes
 
 
 def shard_size(num_samples: int, rank: int, world_size: int) -> int:
@@ -78,10 +61,10 @@ def _read(root: str, files: Sequence[str], labels: Sequence[int], *, train: bool
                            num_shards=world_size, pad_last_batch=True, **shuffle)
 
 
-def _augment(jpegs, *, train: bool, gpu: bool, image_size: int, val_resize: int, scale: Sequence[float],
-             ratio: Sequence[float], hflip: float, mean: Sequence[float], std: Sequence[float],
-             output_dtype: torch.dtype, channels_last: bool, randaugment_n: int = 0, randaugment_m: int = 9):
-    """Decode + crop (+ RandAugment) + flip + normalise; one graph for CPU and GPU (only the decoder
+def _augment(jpegs, *, train: bool, gpu: bool, image_size: int, val_resize: int,
+             scale: Sequence[float], ratio: Sequence[float], hflip: float, randaugment_n: int, randaugment_m: int,
+             fill: int):
+    """Decode + crop (+ RandAugment) + flip, to uint8 HWC; one graph for CPU and GPU (only the decoder
     device differs).
 
     RandAugment is DALI's, on timm's magnitude scale (``m`` of 10 steps to the strongest) and
@@ -91,8 +74,7 @@ def _augment(jpegs, *, train: bool, gpu: bool, image_size: int, val_resize: int,
                    host_memory_padding=HOST_MEMORY_PADDING) if gpu else dict(device="cpu")
     resize = dict(interp_type=types.INTERP_LINEAR, antialias=True)  # torchvision's antialiased bilinear
     # rounding="truncate" puts the centre crop where CenterCrop does (DALI's default rounds up a half pixel).
-    normalize = dict(dtype=getattr(types, _DALI_DTYPES[output_dtype]), output_layout="HWC" if channels_last else "CHW",
-                     crop=(image_size, image_size), rounding="truncate", mean=list(mean), std=list(std))
+    crop = dict(dtype=types.UINT8, output_layout="HWC", crop=(image_size, image_size), rounding="truncate")
     if train:
         images = fn.decoders.image_random_crop(jpegs, output_type=types.RGB, random_area=list(scale),
                                                random_aspect_ratio=list(ratio), **decoder)
@@ -100,31 +82,29 @@ def _augment(jpegs, *, train: bool, gpu: bool, image_size: int, val_resize: int,
         if randaugment_n > 0:
             images = rand_augment.rand_augment(images, n=randaugment_n, m=randaugment_m,
                                                num_magnitude_bins=RANDAUGMENT_LEVELS + 1,
-                                               shape=(image_size, image_size), fill_value=128)
-        return fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(probability=hflip), **normalize)
+                                               shape=(image_size, image_size), fill_value=fill)
+        return fn.crop_mirror_normalize(images, mirror=fn.random.coin_flip(probability=hflip), **crop)
     images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder)
     # subpixel_scale=False scales each axis to its rounded size, as PIL does (341 px, not 341.33, for 500x375).
     images = fn.resize(images, resize_shorter=val_resize, subpixel_scale=False, **resize)
-    return fn.crop_mirror_normalize(images, **normalize)
+    return fn.crop_mirror_normalize(images, **crop)
 
 
 class DaliLoader:
-    """One split's DALI pipeline as an iterable of ``(images, labels)`` device batches.
+    """One split's DALI pipeline as an iterable of uint8 ``(images, labels)`` device batches.
 
-    ``len()`` is the batches per epoch on this rank; ``state_dict()`` holds DALI's checkpoint
-    (reader position and every RNG), so a restored loader continues with the exact next batch.
-    Like DALI's own iterator, an epoch cannot be rewound: re-entering the loop mid-epoch continues it.
+    ``len()`` is the batches left in the epoch on this rank; ``state_dict()`` holds DALI's
+    checkpoint (reader position and every RNG), so a restored loader continues with the exact
+    next batch. The reader reshuffles by itself after every epoch.
     """
 
-    def __init__(self, root: str, files: Sequence[str], labels: Sequence[int], classes: List[str], *, train: bool,
-                 batch_size: int, workers: int, rank: int, world_size: int, device: torch.device, seed: int,
-                 output_dtype: torch.dtype, channels_last: bool, augment: Dict):
+    def __init__(self, root: str, files: Sequence[str], labels: Sequence[int], *, train: bool, batch_size: int,
+                 workers: int, rank: int, world_size: int, device: torch.device, seed: int, augment: Dict):
         if len(files) < world_size:
             raise UserError(f"{root}: {len(files)} images cannot be split over {world_size} ranks")
-        self.root, self.files, self.labels, self.classes = root, list(files), list(labels), classes
+        self.root, self.files, self.labels = root, list(files), list(labels)
         self.train, self.batch_size, self.rank, self.world_size = train, batch_size, rank, world_size
         self.workers, self.seed, self.augment = max(1, workers), seed, augment
-        self.output_dtype, self.channels_last = output_dtype, channels_last
         self.gpu = device.type == "cuda"
         self.device_id = (device.index if device.index is not None else torch.cuda.current_device()) if self.gpu else None
         self.shard_size = shard_size(len(self.files), rank, world_size)
@@ -140,8 +120,7 @@ class DaliLoader:
                                   world_size=self.world_size, seed=self.seed)
             if reader_only:
                 return jpegs
-            images = _augment(jpegs, train=self.train, gpu=self.gpu, output_dtype=self.output_dtype,
-                              channels_last=self.channels_last, **self.augment)
+            images = _augment(jpegs, train=self.train, gpu=self.gpu, **self.augment)
             return images, labels.gpu() if self.gpu else labels
 
         return graph(batch_size=self.batch_size, num_threads=self.workers, seed=self.seed + self.rank,
@@ -149,15 +128,11 @@ class DaliLoader:
                      enable_checkpointing=True, checkpoint=checkpoint)
 
     def _iterator(self, checkpoint: Optional[bytes] = None) -> "DALIGenericIterator":
-        # FILL keeps the padded rows; __iter__ strips them itself (see the module docstring). No batch
-        # is prepared up front, so decode errors surface inside __iter__, where they are explained.
+        # Val keeps the padded rows (FILL) and __iter__ strips them. No batch is prepared up front,
+        # so decode errors surface inside __iter__, where they are explained.
+        policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.FILL
         return DALIGenericIterator(self._pipeline(checkpoint), ["images", "labels"], reader_name=READER,
-                                   last_batch_policy=LastBatchPolicy.FILL, auto_reset=True,
-                                   prepare_first_batch=False)
-
-    def _rows(self, batch: int) -> int:
-        rows = min(self.batch_size, self.shard_size - batch * self.batch_size)
-        return max(rows, 1) if self.train else max(rows, 0)
+                                   last_batch_policy=policy, auto_reset=True, prepare_first_batch=False)
 
     def __len__(self) -> int:
         """Batches left in the epoch (all of them, unless a mid-epoch state was loaded)."""
@@ -165,9 +140,9 @@ class DaliLoader:
             return len(self._iter) - self._batch
         return math.ceil(self.shard_size / self.batch_size)
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """No-op: the reader reshuffles by itself after every epoch, and a resumed position
-        comes from ``load_state_dict``."""
+    def set_epoch(self, epoch: int) -> None:
+        """Nothing to do: the reader reshuffles after every epoch, and a resumed position comes from
+        ``load_state_dict`` (DALI's checkpoint holds the epoch)."""
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         while True:
@@ -178,15 +153,11 @@ class DaliLoader:
                 return
             except RuntimeError as e:
                 raise self._explain(e) from None
-            rows = self._rows(self._batch)
+            rows = self.batch_size if self.train else self.shard_size - self._batch * self.batch_size
             self._batch += 1
-            if rows == 0:
+            if rows <= 0:
                 continue
-            images = out["images"][:rows]
-            if self.channels_last:  # NHWC memory seen as NCHW: channels_last without a copy
-                images = images.permute(0, 3, 1, 2)
-            if images.dtype != self.output_dtype:  # DALI has no bf16 output: cast once on the device
-                images = images.to(self.output_dtype)
+            images = out["images"][:rows].permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: no copy
             yield images, out["labels"][:rows].view(-1).long()
 
     def state_dict(self) -> Dict:
@@ -276,30 +247,15 @@ def _transplant(target: bytes, source: bytes, op_name: str) -> bytes:
     return bytes(out)
 
 
-def build_dali_loaders(root: str, *, batch_size: int, image_size: int, val_resize: int, mean: Sequence[float],
-                       std: Sequence[float], scale: Tuple[float, float], ratio: Tuple[float, float], hflip: float,
-                       workers: int, rank: int, world_size: int, device: torch.device, seed: int,
-                       output_dtype: torch.dtype = torch.float32, channels_last: bool = False,
-                       randaugment_n: int = 0, randaugment_m: int = 9,
-                       skip_files: Collection[str] = ()) -> Tuple[DaliLoader, DaliLoader]:
-    """This rank's (train, val) loaders over ``root/train`` and ``root/val``.
-
-    Batches are normalised ``output_dtype`` NCHW images (``mean``/``std`` on the 0-255 scale,
-    RGB) and int64 labels, on ``device``: a CUDA device decodes on the GPU, a CPU device runs a
-    CPU-only pipeline (``device_id=None``). float16 comes out of DALI; bfloat16 is float32 cast
-    once on the device. ``skip_files`` are paths relative to ``root``.
-    """
+def build_dali_loader(root: str, files: List[str], labels: List[int], *, train: bool, batch_size: int,
+                      image_size: int, val_resize: int, scale: Sequence[float], ratio: Sequence[float], hflip: float,
+                      randaugment_n: int, randaugment_m: int, fill: int, workers: int, rank: int, world_size: int,
+                      seed: int, device: torch.device) -> DaliLoader:
+    """This rank's uint8 loader for one split; a CUDA device decodes on the GPU, a CPU device runs a
+    CPU-only pipeline (``device_id=None``). ``files`` are relative to ``root``."""
     if not dali_available():
         raise UserError("NVIDIA DALI is not installed: pip install -r requirements.txt, or use data.loader=torch")
-    if output_dtype not in _DALI_DTYPES:
-        raise ValueError(f"output_dtype must be one of {list(_DALI_DTYPES)}, got {output_dtype}")
     augment = dict(image_size=image_size, val_resize=val_resize, scale=scale, ratio=ratio, hflip=hflip,
-                   mean=mean, std=std, randaugment_n=randaugment_n, randaugment_m=randaugment_m)
-    common = dict(batch_size=batch_size, workers=workers, rank=rank, world_size=world_size, device=device,
-                  seed=seed, output_dtype=output_dtype, channels_last=channels_last, augment=augment)
-    train_files, train_labels, classes = list_images(root, "train", skip_files)
-    val_files, val_labels, val_classes = list_images(root, "val", skip_files)
-    if val_classes != classes:
-        raise UserError(f"{root}: train/ and val/ have different class folders")
-    return (DaliLoader(root, train_files, train_labels, classes, train=True, **common),
-            DaliLoader(root, val_files, val_labels, classes, train=False, **common))
+                   randaugment_n=randaugment_n, randaugment_m=randaugment_m, fill=fill)
+    return DaliLoader(root, files, labels, train=train, batch_size=batch_size, workers=workers, rank=rank,
+                      world_size=world_size, device=device, seed=seed, augment=augment)

@@ -1,11 +1,21 @@
-"""Checks on an ImageFolder-layout dataset root (train/<class>/, val/<class>/)."""
+"""An ImageFolder-layout dataset root (``<split>/<class>/<image>``): checks, classes, file lists.
+
+Both input backends and ``python -m data.scan`` read a root through this module, so they agree
+on which files are images, on the class order and on the labels.
+"""
 from pathlib import Path
-from typing import List, Set
+from typing import Collection, List, Set, Tuple
+
+from torchvision.datasets.folder import IMG_EXTENSIONS, make_dataset
 
 from scsa.errors import UserError
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = IMG_EXTENSIONS  # torchvision's list; PIL and DALI decode all of them
 BAD_FILES_LIST = "bad_files.txt"
+
+
+def is_image(path: "str | Path") -> bool:
+    return str(path).lower().endswith(IMAGE_EXTENSIONS)
 
 
 def class_names(split_dir: Path) -> List[str]:
@@ -13,26 +23,28 @@ def class_names(split_dir: Path) -> List[str]:
     return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def check_dataset_root(root: str) -> List[str]:
-    """Validate ``root`` and return its class names, or raise a one-line UserError."""
+def check_dataset_root(root: str, splits: Collection[str] = ("train", "val")) -> List[str]:
+    """Validate ``root``'s ``splits`` and return their class names, or raise a one-line UserError."""
     path = Path(root)
     if not path.is_dir():
-        raise UserError(f"data.root '{root}' does not exist: point data.root at a folder with train/ and val/")
+        raise UserError(f"data.root '{root}' does not exist: point data.root at a folder with "
+                        f"{' and '.join(f'{s}/' for s in splits)}")
     classes = {}
-    for split in ("train", "val"):
+    for split in splits:
         split_dir = path / split
         if not split_dir.is_dir():
             raise UserError(f"data.root '{root}' has no {split}/ folder: expected {root}/{split}/<class>/<image>")
         classes[split] = class_names(split_dir)
-        if not classes[split] or not any(f.suffix.lower() in IMAGE_EXTENSIONS
-                                         for d in classes[split] for f in (split_dir / d).iterdir()):
+        if not any(is_image(f) for d in classes[split] for f in (split_dir / d).iterdir()):
             raise UserError(f"'{split_dir}' holds no images: expected {split}/<class>/<image>.jpg")
-    if classes["train"] != classes["val"]:
-        only_train = sorted(set(classes["train"]) - set(classes["val"]))
-        only_val = sorted(set(classes["val"]) - set(classes["train"]))
-        raise UserError(f"train/ and val/ class folders differ (only in train: {only_train[:5]}, "
-                        f"only in val: {only_val[:5]}): give both splits the same class folders")
-    return classes["train"]
+    first, *others = splits
+    for split in others:
+        if classes[split] != classes[first]:
+            only_first = sorted(set(classes[first]) - set(classes[split]))
+            only_other = sorted(set(classes[split]) - set(classes[first]))
+            raise UserError(f"{first}/ and {split}/ class folders differ (only in {first}: {only_first[:5]}, "
+                            f"only in {split}: {only_other[:5]}): give both splits the same class folders")
+    return classes[first]
 
 
 def read_bad_files(root: str) -> Set[str]:
@@ -41,3 +53,15 @@ def read_bad_files(root: str) -> Set[str]:
     if not listing.is_file():
         return set()
     return {line.strip() for line in listing.read_text().splitlines() if line.strip()}
+
+
+def list_images(root: str, split: str, classes: List[str]) -> Tuple[List[str], List[int]]:
+    """``split``'s image paths relative to ``root`` and their labels (indices into ``classes``).
+
+    Files in ``bad_files.txt`` are left out. torchvision's own folder walk, so the order and the
+    labels are ImageFolder's.
+    """
+    skip = read_bad_files(root)
+    samples = make_dataset(str(Path(root) / split), {name: i for i, name in enumerate(classes)}, allow_empty=True,
+                           is_valid_file=lambda p: is_image(p) and str(Path(p).relative_to(root)) not in skip)
+    return [str(Path(p).relative_to(root)) for p, _ in samples], [label for _, label in samples]

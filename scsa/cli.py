@@ -6,7 +6,7 @@ are composed once up front and any error is reduced to its first line.
 import os
 import sys
 from pathlib import Path
-from typing import Callable, List
+from typing import Callable, Dict, List, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra._internal.utils import get_args_parser
@@ -14,14 +14,9 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf.errors import OmegaConfBaseException
 
 from scsa.engine.preemption import Preempted
-from scsa.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
+from scsa.errors import EXIT_PREEMPTED, exit_on_user_error, fail
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
-
-
-def fail(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USER_ERROR)
 
 
 def check_overrides(config_name: str, argv: List[str]) -> None:
@@ -50,12 +45,11 @@ def check_run_dir(run_dir: Path) -> None:
              f"pass hydra.run.dir=<a writable folder>")
 
 
+@exit_on_user_error
 def run_task(task: Callable[[], object]) -> None:
     """Run the body of a Hydra task, reducing user errors to one line and exit 2."""
     try:
         task()
-    except UserError as e:
-        fail(str(e))
     except Preempted as e:
         print(f"preempted: {e}; run the same command again to resume", file=sys.stderr)
         sys.exit(EXIT_PREEMPTED)
@@ -63,6 +57,22 @@ def run_task(task: Callable[[], object]) -> None:
         fail(f"{str(e).strip().splitlines()[0]}: set it on the command line, e.g. data.root=/path/to/data")
 
 
-def hydra_entry_point(main: Callable[[], None], config_name: str) -> None:
+def expand_shorthands(argv: List[str], shorthands: Dict[str, str]) -> List[str]:
+    """Rewrite ``KEY=VALUE`` to ``shorthands[KEY]=VALUE`` (``compare=DIR`` -> ``compare.dir=DIR``).
+
+    A Hydra key is either a value or a group of keys. ``compare`` and ``cam`` have settings of
+    their own (``compare.throughput=false``), so they are groups, and the bare form that
+    commands already use names the group's main key.
+    """
+    expanded = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        expanded.append(f"{shorthands[key]}={value}" if sep and key in shorthands else arg)
+    return expanded
+
+
+def hydra_entry_point(main: Callable[[], None], config_name: str, shorthands: Optional[Dict[str, str]] = None) -> None:
+    """Compose the overrides up front (one-line errors), then run the Hydra app ``main``."""
+    sys.argv[1:] = expand_shorthands(sys.argv[1:], shorthands or {})
     check_overrides(config_name, sys.argv[1:])
     main()

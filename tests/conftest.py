@@ -1,19 +1,28 @@
-"""Shared fixtures: small real datasets cut from the built-in sample, and CLI runners."""
+"""Shared fixtures: small real datasets cut from the built-in sample, configs, CLI runners.
+
+Tests write only under their temporary folders: commands run with a temporary working
+directory, so default run dirs (``outputs/...``) land there too.
+"""
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import List
+from typing import Callable, List, Optional
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import DictConfig
+
+import scsa.config  # noqa: F401  (registers the resolvers conf/ uses)
+from scsa.cli import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample"
 
 
-def make_subset(dest: Path, train_per_class: int, val_per_class: int, classes: int = 10) -> Path:
-    """Copy the first images of the first ``classes`` sample classes into ``dest``."""
+def copy_sample(dest: Path, train_per_class: int, val_per_class: int, classes: int = 10) -> Path:
+    """The first images of the first ``classes`` sample classes, copied into ``dest``."""
     for split, count in (("train", train_per_class), ("val", val_per_class)):
         for class_dir in sorted((SAMPLE / split).iterdir())[:classes]:
             out = dest / split / class_dir.name
@@ -24,15 +33,60 @@ def make_subset(dest: Path, train_per_class: int, val_per_class: int, classes: i
 
 
 @pytest.fixture
-def tiny_data(tmp_path: Path) -> Path:
+def subset(tmp_path: Path) -> Callable[..., Path]:
+    """``subset(train_per_class, val_per_class, classes=10)``: a dataset root under tmp_path."""
+    made = iter(range(1_000))
+
+    def make(train_per_class: int, val_per_class: int, classes: int = 10) -> Path:
+        return copy_sample(tmp_path / f"data{next(made)}", train_per_class, val_per_class, classes)
+    return make
+
+
+@pytest.fixture
+def tiny_data(subset) -> Path:
     """10 classes x (40 train, 7 val) real images: 70 val images, a size no world size divides."""
-    return make_subset(tmp_path / "tiny", 40, 7)
+    return subset(40, 7)
 
 
-def run_cli(args: List[str], cwd: Path = REPO, env_extra: dict = None, timeout: float = 600,
-            ) -> subprocess.CompletedProcess:
-    """Run a command of the project (``train.py ...``) the way a user does."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", **(env_extra or {})}
-    if args[0].endswith(".py"):
-        args = [sys.executable, str(REPO / args[0]), *args[1:]]
-    return subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture
+def compose_train() -> Callable[..., DictConfig]:
+    """``compose_train(*overrides)``: conf/train.yaml composed as Hydra does for ``train.py``."""
+    def compose_with(*overrides: str) -> DictConfig:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return compose(config_name="train", overrides=list(overrides))
+    return compose_with
+
+
+def command(args: List[str]) -> List[str]:
+    """``train.py ...`` as the python command a user types; other commands unchanged."""
+    return [sys.executable, str(REPO / args[0]), *args[1:]] if args[0].endswith(".py") else args
+
+
+def command_env(extra: Optional[dict] = None) -> dict:
+    # PYTHONPATH: `python -m data.scan` and friends find the project from any working directory
+    return {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "2", "PYTHONPATH": str(REPO),
+            **(extra or {})}
+
+
+@pytest.fixture
+def run_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
+    """``run_cli(args, cwd=tmp_path, env_extra=None, timeout=600)``: run a project command as a user does."""
+    def run(args: List[str], cwd: Path = tmp_path, env_extra: Optional[dict] = None,
+            timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(command(args), cwd=cwd, env=command_env(env_extra), capture_output=True, text=True,
+                              timeout=timeout)
+    return run
+
+
+@pytest.fixture
+def start_cli(tmp_path: Path) -> Callable[..., subprocess.Popen]:
+    """``start_cli(args)``: a project command started in the background (to signal or kill it)."""
+    def start(args: List[str], env_extra: Optional[dict] = None) -> subprocess.Popen:
+        return subprocess.Popen(command(args), cwd=tmp_path, env=command_env(env_extra), stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    return start

@@ -1,55 +1,43 @@
-"""Bad input and bad configuration: one line on stderr, exit code 2, no traceback."""
-import os
+"""Bad input and bad configuration: one line on stderr, exit code 2, no traceback.
+
+The checks themselves are unit-tested in process; a few slow tests run the commands to show
+that the whole path (Hydra, the task, the exit code) keeps the promise.
+"""
 import sys
 
 import pytest
+import torch
 
-from tests.conftest import make_subset, run_cli
+from scsa.cli import check_overrides, run_task
+from scsa.engine.precision import Precision
+from scsa.errors import EXIT_USER_ERROR, UserError
+from scsa.models import create_model_from_config
+from scsa.trained import load_trained
 
 FAST = ["trainer.epochs=1", "trainer.max_steps=1", "data.loader=torch", "data.workers=0", "attention=none"]
 
 
+def one_line(stderr: str) -> str:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and "Traceback" not in stderr, stderr[-2000:]
+    assert lines[0].startswith("error: ")
+    return lines[0]
+
+
 def assert_one_line_error(result, *fragments):
-    assert result.returncode == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
-    assert len(lines) == 1, result.stderr[-2000:]
-    assert lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    assert result.returncode == EXIT_USER_ERROR, result.stderr[-2000:]
+    line = one_line(result.stderr)
     for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+        assert fragment in line, line
 
 
-def test_missing_data_root(tmp_path):
-    result = run_cli(["train.py", *FAST, f"data.root={tmp_path}/nowhere", f"hydra.run.dir={tmp_path}/run"])
-    assert_one_line_error(result, "nowhere", "does not exist", "data.root")
-
-
-def test_empty_data_root(tmp_path):
-    (tmp_path / "empty" / "train").mkdir(parents=True)
-    (tmp_path / "empty" / "val").mkdir()
-    result = run_cli(["train.py", *FAST, f"data.root={tmp_path}/empty", f"hydra.run.dir={tmp_path}/run"])
-    assert_one_line_error(result, "holds no images")
-
-
-def test_train_and_val_class_mismatch(tmp_path):
-    root = make_subset(tmp_path / "d", 2, 2, classes=3)
-    (root / "val" / "coat").rename(root / "val" / "coats")
-    result = run_cli(["train.py", *FAST, f"data.root={root}", f"hydra.run.dir={tmp_path}/run"])
-    assert_one_line_error(result, "class folders differ", "coats")
-
-
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_unwritable_run_dir_as_user(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    result = run_cli(["train.py", *FAST, f"hydra.run.dir={locked}/run"])
-    assert_one_line_error(result, "not writable")
-
-
-def test_unwritable_run_dir(tmp_path):
-    blocker = tmp_path / "file"
-    blocker.write_text("a file where the run dir should go")
-    result = run_cli(["train.py", *FAST, f"hydra.run.dir={blocker}/run"])
-    assert_one_line_error(result, "hydra.run.dir")
+def exits_with_one_line(capsys, call, *fragments) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        call()
+    assert exit_info.value.code == EXIT_USER_ERROR
+    line = one_line(capsys.readouterr().err)
+    for fragment in fragments:
+        assert fragment in line, line
 
 
 @pytest.mark.parametrize("override,fragment", [
@@ -57,45 +45,68 @@ def test_unwritable_run_dir(tmp_path):
     ("model=resnet7", "resnet7"),
     ("attention=squeeze", "squeeze"),
     ("trainer.epochs=[", "epochs"),
-    ("trainer.accum_steps=0", "accum_steps"),
 ])
-def test_unknown_config_option(tmp_path, override, fragment):
-    result = run_cli(["train.py", override, f"hydra.run.dir={tmp_path}/run"])
-    assert_one_line_error(result, fragment)
+def test_overrides_that_do_not_compose(capsys, tmp_path, override, fragment):
+    exits_with_one_line(capsys, lambda: check_overrides("train", [override, f"hydra.run.dir={tmp_path}/run"]),
+                        fragment)
 
 
-def test_imagenet_without_root(tmp_path):
-    result = run_cli(["train.py", *FAST, "data=imagenet", f"hydra.run.dir={tmp_path}/run"])
-    assert_one_line_error(result, "data.root")
+def test_a_run_dir_under_a_file_cannot_be_created(capsys, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the run dir should go")  # unwritable whoever runs the test, root too
+    exits_with_one_line(capsys, lambda: check_overrides("train", [f"hydra.run.dir={blocker}/run"]),
+                        "cannot be created", "hydra.run.dir=<a writable folder>")
 
 
-def test_bad_amp_value(tmp_path, tiny_data):
-    result = run_cli(["train.py", *FAST, "trainer.amp=fp8", f"data.root={tiny_data}", f"hydra.run.dir={tmp_path}/r"])
-    assert_one_line_error(result, "trainer.amp", "fp8")
+def test_user_errors_and_missing_values_in_a_task_end_in_one_line(capsys, compose_train):
+    def raise_user_error():
+        raise UserError("data.root 'x' does not exist: point data.root at a folder")
+
+    exits_with_one_line(capsys, lambda: run_task(raise_user_error), "does not exist")
+    cfg = compose_train("data=imagenet")
+    exits_with_one_line(capsys, lambda: run_task(lambda: cfg.data.root), "data.root")
 
 
-def test_evaluate_missing_checkpoint(tmp_path):
-    result = run_cli(["evaluate.py", f"checkpoint={tmp_path}/missing.pt"])
-    assert_one_line_error(result, "missing.pt", "not found")
+def test_bad_amp_value():
+    with pytest.raises(UserError, match="unknown trainer.amp 'fp8': use auto, bf16, fp16 or none"):
+        Precision("fp8", torch.device("cpu"))
 
 
-def test_evaluate_truncated_checkpoint(tmp_path):
+def test_attention_option_that_cannot_build_names_it(compose_train):
+    cfg = compose_train("attention=scsa", "attention.kwargs.head_num=3")
+    with pytest.raises(ValueError, match="head_num"):
+        create_model_from_config(cfg.model, cfg.attention, 10)
+
+
+def test_missing_and_truncated_checkpoints(tmp_path):
+    with pytest.raises(UserError, match="missing.pt' not found"):
+        load_trained(str(tmp_path / "missing.pt"))
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"PK\x03\x04 not really a checkpoint")
-    result = run_cli(["evaluate.py", f"checkpoint={broken}"])
-    assert_one_line_error(result, "truncated or corrupt")
-
-
-def test_attention_option_that_cannot_build(tmp_path, tiny_data):
-    result = run_cli(["train.py", *FAST[:-1], "attention=scsa", "attention.kwargs.head_num=3",
-                      f"data.root={tiny_data}", f"hydra.run.dir={tmp_path}/run"])
-    assert_one_line_error(result, "head_num")
+    with pytest.raises(UserError, match="truncated or corrupt"):
+        load_trained(str(broken))
+    torch.save({"weights": {}}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="is not a train.py checkpoint"):
+        load_trained(str(tmp_path / "other.pt"))
 
 
 @pytest.mark.slow
-def test_corrupt_image_is_named_with_the_fix_and_the_fix_works(tmp_path):
+def test_commands_exit_2_with_one_line(tmp_path, run_cli):
+    assert_one_line_error(run_cli(["train.py", *FAST, f"data.root={tmp_path}/nowhere"]), "nowhere", "does not exist")
+    assert_one_line_error(run_cli(["train.py", "trainer.no_such_key=1"]), "no_such_key")
+    assert_one_line_error(run_cli(["train.py", *FAST, "trainer.accum_steps=0"]), "accum_steps")
+    assert_one_line_error(run_cli(["train.py", *FAST, "data=imagenet"]), "data.root")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert_one_line_error(run_cli(["train.py", *FAST, f"hydra.run.dir={blocker}/run"]), "hydra.run.dir")
+    assert_one_line_error(run_cli(["evaluate.py", f"checkpoint={tmp_path}/missing.pt"]), "missing.pt", "not found")
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("*.pt"))
+
+
+@pytest.mark.slow
+def test_corrupt_image_is_named_with_the_fix_and_the_fix_works(tmp_path, subset, run_cli):
     pytest.importorskip("nvidia.dali")
-    root = make_subset(tmp_path / "d", 4, 2, classes=3)
+    root = subset(4, 2, classes=3)
     bad = sorted((root / "train" / "bag").iterdir())[0]
     bad.write_bytes(bad.read_bytes()[:200])  # a truncated JPEG
     args = ["train.py", "trainer.epochs=1", "attention=none", "data.workers=1", "data.batch_size=4",

@@ -1,23 +1,22 @@
-"""Configs compose, the authors' recipes are exact, the learning-rate rule holds."""
+"""Configs compose, the authors' recipes are exact, every setting has one source."""
 import pytest
-from hydra import compose, initialize_config_dir
+import torch
+from omegaconf import OmegaConf
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-import scsa.config  # noqa: F401  (resolvers)
-from scsa.cli import CONFIG_DIR
-from train import scaled_lr
+import scsa
+from scsa.attention import default_position, list_attentions
+from scsa.engine.recipe import scaled_lr
+from scsa.models import MODELS, create_model_from_config
 
-MEAN, STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
-
-
-def compose_train(*overrides):
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+MEAN, STD = [255 * m for m in IMAGENET_DEFAULT_MEAN], [255 * s for s in IMAGENET_DEFAULT_STD]
 
 
-def test_defaults_train_scsa_resnet18_on_the_sample():
+def test_defaults_train_scsa_resnet18_on_the_sample(compose_train):
     cfg = compose_train()
     assert (cfg.model.name, cfg.attention.name, cfg.data.name) == ("resnet18", "scsa", "sample")
     assert cfg.attention.position == "mid"
+    assert cfg.attention.kwargs.kernel == "auto"
     assert cfg.resume == "auto"
 
 
@@ -26,7 +25,7 @@ def test_defaults_train_scsa_resnet18_on_the_sample():
     ("paper_resnet101", "resnet101", 128, 0.05, 1e-4, 100, 0.1),
     ("paper_mobilenetv2", "mobilenetv2", 96, 0.045, 4e-5, 400, 0.0),
 ])
-def test_paper_recipes(name, model, batch, lr, wd, epochs, drop):
+def test_paper_recipes(compose_train, name, model, batch, lr, wd, epochs, drop):
     cfg = compose_train(f"+experiment={name}", "data.root=/imagenet")
     assert cfg.model.name == model and cfg.attention.name == "scsa"
     assert cfg.attention.kwargs.attn_drop_ratio == drop
@@ -36,7 +35,8 @@ def test_paper_recipes(name, model, batch, lr, wd, epochs, drop):
     assert cfg.optim.filter_bias_and_bn is False  # weight decay on every parameter
     assert cfg.trainer.epochs == epochs and cfg.trainer.amp == "fp16" and cfg.seed == 0
     assert (cfg.data.image_size, cfg.data.val_resize, list(cfg.data.scale), cfg.data.hflip) == (224, 256, [0.08, 1.0], 0.5)
-    assert list(cfg.data.mean) == MEAN and list(cfg.data.std) == STD
+    assert list(cfg.data.ratio) == pytest.approx([3 / 4, 4 / 3])
+    assert list(cfg.data.mean) == pytest.approx(MEAN) and list(cfg.data.std) == pytest.approx(STD)
     assert cfg.schedule.warmup_epochs == 0
     if model == "mobilenetv2":
         assert (cfg.schedule.sched, cfg.schedule.decay_epochs, cfg.schedule.decay_rate) == ("step", 1, 0.98)
@@ -45,16 +45,48 @@ def test_paper_recipes(name, model, batch, lr, wd, epochs, drop):
         assert (list(cfg.schedule.decay_milestones), cfg.schedule.decay_rate) == ([30, 60, 90], 0.1)
 
 
-def test_linear_scaling_rule_and_explicit_lr():
+def test_linear_scaling_rule_and_explicit_lr(compose_train):
     cfg = compose_train("+experiment=paper_resnet50", "data.root=/x")
     assert scaled_lr(cfg.optim, global_batch=8 * 128) == pytest.approx(0.4)
     assert scaled_lr(compose_train("optim.lr=0.3").optim, global_batch=1024) == 0.3
 
 
-@pytest.mark.parametrize("attention", ["none", "scsa", "se", "cbam", "eca", "ca", "ema"])
-def test_every_attention_config_builds_its_model(attention):
-    import scsa
-    cfg = compose_train(f"attention={attention}", "model=resnet50")
-    model = scsa.create_model("resnet50", cfg.attention.name, num_classes=10, position=cfg.attention.position,
-                              **cfg.attention.kwargs)
-    assert model.layer1[0].attn_mid == (cfg.attention.position == "mid")
+def test_data_presets_inherit_the_imagenet_recipe(compose_train):
+    imagenet = compose_train("data=imagenet", "data.root=/x").data
+    sample = compose_train().data
+    different = {k for k in imagenet if OmegaConf.select(imagenet, k) != OmegaConf.select(sample, k)}
+    assert different == {"name", "root", "batch_size", "workers", "image_size", "val_resize", "scale"}
+    assert list(sample.mean) == list(imagenet.mean)
+
+
+def build_both(backbone: str, attention_cfg):
+    """The model from the Python API's defaults and from the YAML's, or the ValueError both raise."""
+    with torch.device("meta"):  # shapes and layout only: no weights initialised
+        try:
+            from_api = scsa.create_model(backbone, attention_cfg.name, num_classes=10)
+        except ValueError as e:
+            with pytest.raises(ValueError, match=str(e)[:40]):
+                create_model_from_config({"name": backbone, "drop_rate": None}, attention_cfg, 10)
+            return None, None
+        return from_api, create_model_from_config({"name": backbone, "drop_rate": None}, attention_cfg, 10)
+
+
+@pytest.mark.parametrize("attention", list_attentions())
+def test_api_and_yaml_place_each_attention_alike(compose_train, attention):
+    cfg = compose_train(f"attention={attention}")
+    assert cfg.attention.position == default_position(attention)
+    for backbone in MODELS:
+        from_api, from_yaml = build_both(backbone, cfg.attention)
+        if from_api is None:  # e.g. EMA's 32 groups cannot split MobileNetV2's 144 channels, either way
+            continue
+        assert [type(m).__name__ for m in from_api.modules()] == [type(m).__name__ for m in from_yaml.modules()]
+        assert [p.shape for p in from_api.parameters()] == [p.shape for p in from_yaml.parameters()]
+        blocks = [m for m in from_api.modules() if hasattr(m, "attn_mid")]
+        assert blocks and all(b.attn_mid == (cfg.attention.position == "mid") for b in blocks)
+
+
+def test_every_yaml_attention_default_builds_and_runs(compose_train):
+    for attention in list_attentions():
+        cfg = compose_train(f"attention={attention}", "model=resnet18")
+        model = create_model_from_config(cfg.model, cfg.attention, num_classes=10).eval()
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)

@@ -15,14 +15,13 @@ from omegaconf import OmegaConf
 
 from data import build_loaders
 from scsa.engine.checkpoint import load_checkpoint
-from tests.conftest import REPO, make_subset, run_cli
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks_on_cpu(tmp_path):
+def test_torchrun_two_ranks_on_cpu(tmp_path, subset, run_cli, repo):
     """With gradient accumulation: DDP skips the all-reduce (no_sync) on non-update steps."""
-    data_root = make_subset(tmp_path / "data", 24, 7, classes=9)  # 63 val images: odd
-    result = run_cli(["torchrun", "--standalone", "--nproc_per_node=2", str(REPO / "train.py"),
+    data_root = subset(24, 7, classes=9)  # 63 val images: odd
+    result = run_cli(["torchrun", "--standalone", "--nproc_per_node=2", str(repo / "train.py"),
                       "model=resnet18", "attention=none", f"data.root={data_root}", "data.image_size=32",
                       "data.val_resize=32", "data.batch_size=8", "data.workers=0", "data.loader=torch",
                       "trainer.epochs=2", "trainer.max_steps=20", "trainer.accum_steps=2"], cwd=tmp_path)
@@ -43,14 +42,14 @@ def test_torchrun_two_ranks_on_cpu(tmp_path):
 
 
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_validation_shards_cover_every_image_once(tmp_path, world_size):
-    root = make_subset(tmp_path / "d", 1, 7, classes=10)  # 70 val images
-    cfg = OmegaConf.load(REPO / "conf" / "data" / "sample.yaml")
+def test_validation_shards_cover_every_image_once(subset, repo, world_size):
+    root = subset(1, 7, classes=10)  # 70 val images
+    cfg = OmegaConf.load(repo / "conf" / "data" / "imagenet.yaml")
     cfg.root, cfg.loader, cfg.workers, cfg.batch_size = str(root), "torch", 0, 4
     seen = []
     for rank in range(world_size):
         loaders = build_loaders(cfg, rank=rank, world_size=world_size, device=torch.device("cpu"), seed=0,
-                                channels_last=False)
+                                channels_last=False, train=False)
         for images, labels in loaders.val:
             seen.extend(hashlib.sha1(image.numpy().tobytes()).hexdigest() for image in images)
     assert len(seen) == 70
@@ -72,12 +71,13 @@ def child_pids(pid: int) -> List[int]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("max_restarts", [0, 1])
-def test_a_killed_rank_ends_the_job_in_bounded_time_or_restarts_it_from_the_checkpoint(tmp_path, max_restarts):
-    data_root = make_subset(tmp_path / "data", 24, 7, classes=9)  # 216 train images: 13 steps per epoch
+def test_a_killed_rank_ends_the_job_in_bounded_time_or_restarts_it_from_the_checkpoint(tmp_path, subset, repo,
+                                                                                       max_restarts):
+    data_root = subset(24, 7, classes=9)  # 216 train images: 13 steps per epoch
     run_dir = tmp_path / "run"
     job = subprocess.Popen(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         f"--max-restarts={max_restarts}", str(REPO / "train.py"), "model=resnet18", "attention=none",
+         f"--max-restarts={max_restarts}", str(repo / "train.py"), "model=resnet18", "attention=none",
          f"data.root={data_root}", "data.image_size=32", "data.val_resize=32", "data.batch_size=8",
          "data.workers=0", "data.loader=torch", "trainer.epochs=3", "checkpoint.every_steps=2",
          f"hydra.run.dir={run_dir}"],

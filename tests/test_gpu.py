@@ -7,7 +7,6 @@ import torch.nn.functional as F
 
 import scsa
 from scsa.engine.precision import Precision
-from tests.conftest import run_cli
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ATTENTIONS = ("none", "scsa", "se", "cbam", "eca", "ca", "ema")
@@ -71,7 +70,7 @@ def test_nccl_ddp_step(monkeypatch):
 
 
 @pytest.mark.slow
-def test_train_cli_on_gpu(tmp_path):
+def test_train_cli_on_gpu(tmp_path, run_cli):
     result = run_cli(["train.py", "data.loader=torch", "trainer.epochs=1", "trainer.max_steps=30",
                       "trainer.amp=bf16", "wandb.mode=disabled", f"hydra.run.dir={tmp_path}/run"])
     assert result.returncode == 0, result.stderr[-3000:]

@@ -65,11 +65,13 @@ def _line(proc: subprocess.CompletedProcess) -> str:
 
 
 # --------------------------------------------------------------------------- all scripts
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_bash_syntax(script):
     subprocess.run(["bash", "-n", str(ROOT / script)], check=True)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script", SCRIPTS)
 def test_executable(script):
     assert os.stat(ROOT / script).st_mode & stat.S_IXUSR
@@ -80,6 +82,7 @@ def test_executable(script):
 
 
 # --------------------------------------------------------------------------- torchrun.sh
+@pytest.mark.slow
 def test_torchrun_dry_run_env_nproc(fakebin, tmp_path):
     out = _dry_run(ROOT / "launch/torchrun.sh", ["model=resnet50"],
                    _env(fakebin, NPROC="2"), cwd=tmp_path)  # from any cwd
@@ -89,6 +92,7 @@ def test_torchrun_dry_run_env_nproc(fakebin, tmp_path):
     assert "--max-restarts=3 train.py" in _line(out)
 
 
+@pytest.mark.slow
 def test_torchrun_dry_run_positional_nproc_and_quoting(fakebin, tmp_path):
     out = _dry_run(ROOT / "launch/torchrun.sh", ["8", "model=resnet50", "optim.lr=0.1"],
                    _env(fakebin, NPROC="2"), cwd=tmp_path)
@@ -98,6 +102,7 @@ def test_torchrun_dry_run_positional_nproc_and_quoting(fakebin, tmp_path):
     assert _line(out).endswith(r"train.py tag=a\ b")  # printed so that it can be pasted
 
 
+@pytest.mark.slow
 def test_torchrun_gpu_count(fakebin, tmp_path):
     script = ROOT / "launch/torchrun.sh"
     assert _line(_dry_run(script, [], _env(fakebin), tmp_path)).endswith("--nproc_per_node=1 --max-restarts=0 train.py")
@@ -109,6 +114,7 @@ def test_torchrun_gpu_count(fakebin, tmp_path):
 
 
 # --------------------------------------------------------------------------- multinode.sh
+@pytest.mark.slow
 def test_multinode_dry_run(fakebin, tmp_path):
     env = _env(fakebin, NNODES="2", NPROC_PER_NODE="8", MASTER_ADDR="node1", RDZV_ID="r50")
     out = _dry_run(ROOT / "launch/multinode.sh", ["model=resnet50"], env, cwd=tmp_path)
@@ -117,6 +123,7 @@ def test_multinode_dry_run(fakebin, tmp_path):
         "--rdzv-endpoint=node1:29500 --rdzv-id=r50 --max-restarts=0 train.py model=resnet50")
 
 
+@pytest.mark.slow
 def test_multinode_dry_run_overrides_and_slurm_job_id(fakebin, tmp_path):
     env = _env(fakebin, NNODES="1:4", NPROC_PER_NODE="4", MASTER_ADDR="10.0.0.1",
                MASTER_PORT="1234", MAX_RESTARTS="3", SLURM_JOB_ID="777")
@@ -126,6 +133,7 @@ def test_multinode_dry_run_overrides_and_slurm_job_id(fakebin, tmp_path):
         "--rdzv-endpoint=10.0.0.1:1234 --rdzv-id=777 --max-restarts=3 train.py")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("missing", ["NNODES", "MASTER_ADDR", "RDZV_ID"])
 def test_multinode_requires(fakebin, tmp_path, missing):
     env = _env(fakebin, NNODES="2", MASTER_ADDR="node1", RDZV_ID="r50")
@@ -151,12 +159,14 @@ def test_sbatch_header():
         assert f"#SBATCH {directive}" in text, directive
 
 
+@pytest.mark.slow
 def test_sbatch_dry_run(fakebin, tmp_path):
     out = _dry_run(ROOT / "launch/slurm.sbatch", ["model=resnet50"],
                    _env(fakebin, **SLURM_ENV), cwd=tmp_path)
     assert _line(out) == SRUN_LINE
 
 
+@pytest.mark.slow
 def test_sbatch_dry_run_from_spool_copy(fakebin, tmp_path):
     """sbatch runs a copy of the script from its spool dir: the repo is found via SLURM_SUBMIT_DIR."""
     spooled = tmp_path / "spool" / "slurm_script"
@@ -169,6 +179,7 @@ def test_sbatch_dry_run_from_spool_copy(fakebin, tmp_path):
     assert out.returncode != 0 and not out.stdout
 
 
+@pytest.mark.slow
 def test_sbatch_requires_slurm(fakebin, tmp_path):
     out = _dry_run(ROOT / "launch/slurm.sbatch", [], _env(fakebin), cwd=tmp_path)
     assert out.returncode != 0 and "SLURM_JOB_ID" in out.stderr
@@ -210,6 +221,7 @@ def _calls(fakebin: Path) -> list:
     return calls.read_text().splitlines() if calls.exists() else []
 
 
+@pytest.mark.slow
 def test_sbatch_usr1_forwards_sigterm_and_requeues(fake_step):
     proc = _start_sbatch(fake_step, "wait")
     _wait_for(fake_step.parent / "srun.pid", proc)
@@ -220,6 +232,7 @@ def test_sbatch_usr1_forwards_sigterm_and_requeues(fake_step):
                                  "scontrol requeue 4242"]
 
 
+@pytest.mark.slow
 def test_sbatch_sigterm_does_not_requeue(fake_step):
     proc = _start_sbatch(fake_step, "wait")
     pidfile = fake_step.parent / "srun.pid"
@@ -233,6 +246,7 @@ def test_sbatch_sigterm_does_not_requeue(fake_step):
     assert _calls(fake_step) == ["step got TERM"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("step_rc,requeued", [(75, True), (0, False), (3, False)])
 def test_sbatch_requeue_on_exit_75(fake_step, step_rc, requeued):
     proc = _start_sbatch(fake_step, str(step_rc))
@@ -261,6 +275,7 @@ def test_submitit_yaml_keys_match_dataclass():
     assert cfg.gpus_per_task is None  # every rank must see all 8 GPUs: LOCAL_RANK picks one
 
 
+@pytest.mark.slow
 def test_submitit_setup_exports_master_addr_port(fakebin):
     cfg = OmegaConf.load(LAUNCHER_YAML)
     script = "\n".join(cfg.setup) + '\necho "$MASTER_ADDR $MASTER_PORT"\n'

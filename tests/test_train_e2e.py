@@ -1,15 +1,14 @@
 """End to end through the command line: train.py, then evaluate.py on its checkpoint."""
 import json
 import math
+import shutil
 
 import pytest
 import torch
 
-from tests.conftest import make_subset, run_cli
-
 
 @pytest.mark.slow
-def test_train_then_evaluate(tmp_path, tiny_data):
+def test_train_then_evaluate_on_a_folder_with_only_val(tmp_path, tiny_data, run_cli):
     run_dir = tmp_path / "run"
     result = run_cli(["train.py", "model=resnet18", "attention=none", f"data.root={tiny_data}",
                       "data.image_size=32", "data.val_resize=32", "data.batch_size=16", "data.workers=0",
@@ -30,6 +29,7 @@ def test_train_then_evaluate(tmp_path, tiny_data):
     for name in ("last.pt", "best.pt"):
         checkpoint = torch.load(run_dir / "checkpoints" / name, weights_only=True)
         assert checkpoint["config"]["model"]["name"] == "resnet18"
+    shutil.rmtree(tiny_data / "train")  # scoring reads val/ only
     evaluation = run_cli(["evaluate.py", f"checkpoint={run_dir}/checkpoints/last.pt", "data.workers=0",
                           "data.loader=torch", "throughput=true"])
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
@@ -44,8 +44,8 @@ def test_train_then_evaluate(tmp_path, tiny_data):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("amp", ["bf16", "fp16"])
-def test_mixed_precision_trains_on_cpu_with_a_grad_scaler_for_fp16_only(tmp_path, amp):
-    root = make_subset(tmp_path / "d", 4, 1, classes=4)  # 16 train images: 4 steps of 4
+def test_mixed_precision_trains_on_cpu_with_a_grad_scaler_for_fp16_only(tmp_path, subset, run_cli, amp):
+    root = subset(4, 1, classes=4)  # 16 train images: 4 steps of 4
     run_dir = tmp_path / "run"
     result = run_cli(["train.py", "model=resnet18", "attention=scsa", f"data.root={root}", "data.image_size=32",
                       "data.val_resize=32", "data.batch_size=4", "data.workers=0", "data.loader=torch",

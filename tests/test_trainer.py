@@ -6,26 +6,30 @@ import pytest
 import torch
 import torch.nn as nn
 
-from data import Loaders
 from scsa.engine.distributed import DistInfo
 from scsa.engine.precision import Precision
 from scsa.engine.preemption import PreemptionWatcher
-from scsa.engine.trainer import Trainer
+from scsa.engine.recipe import build_scheduler
+from scsa.engine.trainer import Trainer, TrainerConfig
 from scsa.errors import UserError
 from scsa.tracking import Tracker
 from scsa.wandb_run import WandbRun
-from tests.test_config import compose_train
-from train import build_scheduler
 
 
 class FixedBatches:
-    """A train loader over fixed batches, with the loader interface the trainer uses."""
+    """A train loader over fixed batches, keeping the engine's Loader contract."""
 
     def __init__(self, batches):
         self.batches, self.start = batches, 0
 
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.start = start_batch
+    def set_epoch(self, epoch: int) -> None:
+        self.start = 0
+
+    def state_dict(self) -> dict:
+        return {"start": self.start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.start = state["start"]
 
     def __len__(self) -> int:
         return len(self.batches) - self.start
@@ -34,14 +38,19 @@ class FixedBatches:
         return iter(self.batches[self.start:])
 
 
-def tiny_trainer(tmp_path, model, batches, *overrides, dist=DistInfo()) -> Trainer:
-    cfg = compose_train("optim.lr=0.5", "optim.momentum=0", "optim.weight_decay=0", "trainer.epochs=1",
-                        "schedule=step", "checkpoint.every_steps=0", "checkpoint.every_minutes=0", *overrides)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    loaders = Loaders(FixedBatches(batches), None, ["a", "b", "c"], "fixed")
-    tracker = Tracker(tmp_path, True, WandbRun("disabled", "p", tmp_path, {}, "n", []))
-    return Trainer(model, optimizer, build_scheduler(cfg, optimizer, len(batches)), loaders,
-                   Precision("none", torch.device("cpu")), dist, torch.device("cpu"), tracker, tmp_path, cfg, {})
+@pytest.fixture
+def tiny_trainer(tmp_path, compose_train):
+    def build(model, batches, *overrides, dist=DistInfo()) -> Trainer:
+        cfg = compose_train("optim.lr=0.5", "optim.momentum=0", "optim.weight_decay=0", "trainer.epochs=1",
+                            "schedule=step", "checkpoint.every_steps=0", "checkpoint.every_minutes=0", *overrides)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        tracker = Tracker(tmp_path, True, WandbRun("disabled", "p", tmp_path, {}, "n", []))
+        return Trainer(TrainerConfig.from_config(cfg.trainer, cfg.checkpoint), model=model, optimizer=optimizer,
+                       scheduler=build_scheduler(cfg.schedule, optimizer, 1, len(batches)),
+                       criterion=nn.CrossEntropyLoss(), train_loader=FixedBatches(batches), val_loader=[],
+                       precision=Precision("none", torch.device("cpu")), dist=dist, device=torch.device("cpu"),
+                       tracker=tracker, checkpoint_dir=tmp_path, meta={})
+    return build
 
 
 def train_one_epoch(trainer: Trainer) -> None:
@@ -52,13 +61,13 @@ def train_one_epoch(trainer: Trainer) -> None:
         watcher.close()
 
 
-def test_each_update_is_the_mean_gradient_of_its_group_and_the_short_group_is_not_dropped(tmp_path):
+def test_each_update_is_the_mean_gradient_of_its_group_and_the_short_group_is_not_dropped(tiny_trainer):
     torch.manual_seed(0)
     batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(5)]  # groups of 2: 2 + 2 + 1
     model = nn.Linear(6, 3)  # no BatchNorm: accumulated and whole-group gradients agree exactly
     expected = copy.deepcopy(model)
 
-    trainer = tiny_trainer(tmp_path, model, batches, "trainer.accum_steps=2")
+    trainer = tiny_trainer(model, batches, "trainer.accum_steps=2")
     train_one_epoch(trainer)
 
     for group in (batches[0:2], batches[2:4], batches[4:5]):
@@ -74,23 +83,42 @@ def test_each_update_is_the_mean_gradient_of_its_group_and_the_short_group_is_no
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_sync_bn_off_the_gpu_is_a_clear_error(tmp_path):
+def test_sync_bn_off_the_gpu_is_a_clear_error(tiny_trainer):
     batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,)))]
-    trainer = tiny_trainer(tmp_path, nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 3)), batches,
+    trainer = tiny_trainer(nn.Sequential(nn.BatchNorm1d(6), nn.Linear(6, 3)), batches,
                            "trainer.sync_bn=true", dist=DistInfo(rank=0, world_size=2))
     with pytest.raises(UserError, match="trainer.sync_bn=true needs CUDA"):
         trainer.wrap()
 
 
-def test_compiled_training_takes_the_same_steps_as_eager(tmp_path):
+def test_compiled_training_takes_the_same_steps_as_eager(tiny_trainer):
     torch.manual_seed(0)
     batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(3)]
     eager_model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
     compiled_model = copy.deepcopy(eager_model)
     for model, overrides in ((eager_model, ()), (compiled_model, ("trainer.compile=true",))):
-        trainer = tiny_trainer(tmp_path, model, batches, *overrides)
+        trainer = tiny_trainer(model, batches, *overrides)
         trainer.wrap()
         train_one_epoch(trainer)
     assert trainer.train_model is not compiled_model  # the step ran through torch.compile's wrapper
     for got, want in zip(compiled_model.parameters(), eager_model.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_accum_steps_below_one_is_a_clear_error(compose_train):
+    cfg = compose_train("trainer.accum_steps=0")
+    with pytest.raises(UserError, match="trainer.accum_steps=0: use a positive int"):
+        TrainerConfig.from_config(cfg.trainer, cfg.checkpoint)
+
+
+def test_a_resumed_epoch_continues_from_the_loaders_position_and_the_next_starts_over(tiny_trainer):
+    torch.manual_seed(0)
+    batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(4)]
+    trainer = tiny_trainer(nn.Linear(6, 3), batches)
+    trainer.train_loader.load_state_dict({"start": 3})
+    trainer.state.batch = 3
+    train_one_epoch(trainer)
+    assert trainer.state.step == 1  # only the last batch was left
+    trainer.state.batch = 0
+    train_one_epoch(trainer)
+    assert trainer.state.step == 5  # set_epoch: the whole next epoch

@@ -1,87 +1,133 @@
 """timm's training options: each off by default, each on with one override, used end to end."""
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from data import RandomErasingLoader
-from data.torch_loader import SafeImageFolder, train_transform
-from scsa.engine.trainer import build_mixup, mix_batch
-from tests.conftest import SAMPLE, make_subset, run_cli
-from tests.test_config import compose_train
+from data import randaugment_fill
+from data.dali import build_dali_loader, dali_available
+from data.device import DeviceLoader
+from data.folder import list_images
+from data.torch_loader import ImageList, build_torch_loader, train_transform
+from scsa.engine.recipe import build_mixup
+from scsa.errors import UserError
+from scsa.trained import load_trained
 
 OPTIONS_OFF = {
     "trainer.label_smoothing": 0.0, "trainer.mixup": 0.0, "trainer.cutmix": 0.0, "trainer.model_ema": False,
     "trainer.clip_grad": None, "data.randaugment_n": 0, "data.re_prob": 0.0, "optim.filter_bias_and_bn": False,
 }
+CPU = torch.device("cpu")
 
 
 @pytest.mark.parametrize("preset", [None, "paper_resnet50", "paper_resnet101", "paper_mobilenetv2"])
-def test_every_option_is_off_by_default_and_in_the_paper_recipes(preset):
+def test_every_option_is_off_by_default_and_in_the_paper_recipes(compose_train, preset):
     cfg = compose_train(*([f"+experiment={preset}", "data.root=/imagenet"] if preset else []))
     assert {key: OmegaConf.select(cfg, key) for key in OPTIONS_OFF} == OPTIONS_OFF
 
 
-def test_randaugment_changes_the_crop_and_replays_from_the_sample_seed():
-    image = Image.open(next((SAMPLE / "train" / "bag").iterdir())).convert("RGB")
-    folder = SafeImageFolder.__new__(SafeImageFolder)  # only the seeding wrapper is under test
-    plain, augmented = train_transform(48, (0.5, 1.0), (0.75, 1.33), 0.5), train_transform(
-        48, (0.5, 1.0), (0.75, 1.33), 0.5, randaugment_n=2, randaugment_m=9)
-    folder._load = lambda index: augmented(image)
-    draws = [folder[(0, seed)] for seed in (1, 1, 2)]
+def test_randaugment_changes_the_crop_and_replays_from_the_sample_seed(repo):
+    path = next((repo / "data" / "sample" / "train" / "bag").iterdir())
+    plain = ImageList(path.parent, [path.name], [0], train_transform(48, (0.5, 1.0), (0.75, 1.33), 0.5, 0, 9, 128))
+    augmented = ImageList(path.parent, [path.name], [0],
+                          train_transform(48, (0.5, 1.0), (0.75, 1.33), 0.5, 2, 9, 128))
+    draws = [augmented[(0, seed)][0] for seed in (1, 1, 2)]
     assert torch.equal(draws[0], draws[1])       # same per-sample seed: same ops, same magnitudes
     assert not torch.equal(draws[0], draws[2])
-    folder._load = lambda index: plain(image)
-    assert not torch.equal(draws[0], folder[(0, 1)])  # RandAugment did something to the same crop
+    assert not torch.equal(draws[0], plain[(0, 1)][0])  # RandAugment did something to the same crop
 
 
-def test_dali_randaugment_runs_and_differs_from_the_plain_pipeline(tmp_path):
+def uniform_dataset(root: Path, value: int, n: int = 16) -> Path:
+    for split in ("train", "val"):
+        (root / split / "a").mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (32, 32), (value,) * 3).save(root / split / "a" / f"{i}.png")
+    return root
+
+
+def randaugment_corners(build, root: Path, fill: int) -> np.ndarray:
+    """The corner pixels of strongly RandAugmented copies of one flat image: uncovered by a
+    rotation, shear or translation, they show the fill."""
+    files, labels = list_images(str(root), "train", ["a"])
+    loader = build(str(root), files, labels, train=True, batch_size=16, image_size=32, val_resize=32,
+                   scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, randaugment_n=3, randaugment_m=10, fill=fill,
+                   workers=0, rank=0, world_size=1, seed=0, device=CPU)
+    corners = []
+    for epoch in range(2):
+        loader.set_epoch(epoch)
+        for images, _ in loader:
+            corners.append(images[:, :, [0, 0, -1, -1], [0, -1, 0, -1]].permute(0, 2, 1).reshape(-1, 3))
+    return torch.cat(corners).numpy()
+
+
+def test_randaugment_fills_with_the_same_grey_in_both_loaders(tmp_path):
+    root = uniform_dataset(tmp_path / "flat", 100)
+    fill = randaugment_fill([60.2, 59.9, 60.0])
+    assert fill == 60
+    for build in [build_torch_loader] + ([build_dali_loader] if dali_available() else []):
+        corners = randaugment_corners(build, root, fill)
+        assert (corners == fill).all(1).any(), build.__name__  # uncovered corners show exactly the fill
+        assert not (corners == 128).all(1).any(), build.__name__  # not DALI's own default grey
+
+
+def test_dali_randaugment_runs_and_differs_from_the_plain_pipeline(subset):
     pytest.importorskip("nvidia.dali")
-    from data.dali import build_dali_loaders
-    root = make_subset(tmp_path / "d", 4, 1, classes=2)
-    common = dict(batch_size=8, image_size=32, val_resize=32, mean=[0, 0, 0], std=[1, 1, 1], scale=(1.0, 1.0),
-                  ratio=(1.0, 1.0), hflip=0.0, workers=1, rank=0, world_size=1, device=torch.device("cpu"), seed=3)
-    plain = next(iter(build_dali_loaders(str(root), **common)[0]))[0]
-    augmented = next(iter(build_dali_loaders(str(root), randaugment_n=3, randaugment_m=10, **common)[0]))[0]
+    root = subset(4, 1, classes=2)
+    files, labels = list_images(str(root), "train", ["ankle-boot", "bag"])
+    common = dict(train=True, batch_size=8, image_size=32, val_resize=32, scale=(1.0, 1.0), ratio=(1.0, 1.0),
+                  hflip=0.0, randaugment_m=10, fill=128, workers=1, rank=0, world_size=1, device=CPU, seed=3)
+    plain = next(iter(build_dali_loader(str(root), files, labels, randaugment_n=0, **common)))[0]
+    augmented = next(iter(build_dali_loader(str(root), files, labels, randaugment_n=3, **common)))[0]
     assert augmented.shape == plain.shape == (8, 3, 32, 32)
     assert not torch.equal(plain, augmented)
 
 
-def test_random_erasing_loader_erases_and_forwards_the_loader_interface():
-    class Loader:
-        def __iter__(self):
-            yield torch.zeros(4, 3, 16, 16), torch.arange(4)
+class ZeroBatches:
+    def __iter__(self):
+        yield torch.full((4, 3, 16, 16), 100, dtype=torch.uint8), torch.arange(4)
 
-        def __len__(self):
-            return 1
+    def __len__(self):
+        return 1
 
-        def state_dict(self):
-            return {"at": 7}
+    def set_epoch(self, epoch):
+        pass
 
-    loader = RandomErasingLoader(Loader(), probability=1.0, device=torch.device("cpu"))
+    def state_dict(self):
+        return {"at": 7}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_random_erasing_happens_on_the_normalised_device_batch():
+    loader = DeviceLoader(ZeroBatches(), mean=(100, 100, 100), std=(2, 2, 2), device=CPU, channels_last=False,
+                          erase_prob=1.0)
     images, labels = next(iter(loader))
     assert len(loader) == 1 and loader.state_dict() == {"at": 7}
-    assert all((image != 0).any() for image in images)  # every image got a noise rectangle
+    assert images.dtype == torch.float32
+    assert all((image != 0).any() for image in images)  # every (normalised to 0) image got a noise rectangle
     assert torch.equal(labels, torch.arange(4))
+    plain = next(iter(DeviceLoader(ZeroBatches(), (100,) * 3, (2,) * 3, CPU, channels_last=True)))[0]
+    assert (plain == 0).all() and plain.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_mixup_batches_soft_targets_and_odd_batches():
+def test_mixup_gives_soft_targets_and_refuses_an_odd_batch(compose_train):
     cfg = compose_train("trainer.mixup=0.8", "trainer.cutmix=1.0", "trainer.label_smoothing=0.1").trainer
-    mixup = build_mixup(cfg, num_classes=10)
-    images, labels = torch.randn(5, 3, 8, 8), torch.tensor([0, 1, 2, 3, 4])
-    mixed, targets = mix_batch(mixup, images.clone(), labels)
-    assert mixed.shape == (4, 3, 8, 8) and targets.shape == (4, 10)  # odd batch: the last image left out
+    mixup = build_mixup(cfg, num_classes=10, batch_size=4)
+    mixed, targets = mixup(torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]))
+    assert mixed.shape == (4, 3, 8, 8) and targets.shape == (4, 10)
     assert torch.allclose(targets.sum(1), torch.ones(4))
-    single, target = mix_batch(mixup, images[:1].clone(), labels[:1])
-    assert torch.equal(single, images[:1]) and target[0, 0] == pytest.approx(0.91)  # smoothed one-hot
-    assert build_mixup(compose_train().trainer, 10) is None
-    assert mix_batch(None, images, labels) == (images, labels)
+    with pytest.raises(UserError, match="even data.batch_size"):
+        build_mixup(cfg, num_classes=10, batch_size=5)
+    assert build_mixup(compose_train().trainer, 10, 5) is None
 
 
 @pytest.mark.slow
-def test_every_option_on_trains_validates_and_checkpoints_the_ema(tmp_path, tiny_data):
+def test_every_option_on_trains_validates_and_checkpoints_the_ema(tmp_path, tiny_data, run_cli):
     run_dir = tmp_path / "run"
     result = run_cli(["train.py", "attention=se", f"data.root={tiny_data}", "data.image_size=32",
                       "data.val_resize=32", "data.batch_size=16", "data.workers=1", "trainer.epochs=2",
@@ -104,9 +150,8 @@ def test_every_option_on_trains_validates_and_checkpoints_the_ema(tmp_path, tiny
         assert json.loads(evaluation.stdout.strip().splitlines()[-1])["top1"] == pytest.approx(records[-1][key])
 
 
-def test_evaluating_ema_weights_of_a_run_without_them_is_a_one_line_error(tmp_path):
+def test_ema_weights_of_a_run_without_them_are_a_clear_error(tmp_path):
     path = tmp_path / "plain.pt"
-    torch.save({"model": {}, "config": {}}, path)
-    result = run_cli(["evaluate.py", f"checkpoint={path}", "ema=true"])
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].endswith("train with trainer.model_ema=true, or drop ema=true")
+    torch.save({"model": {}, "config": {}, "classes": []}, path)
+    with pytest.raises(UserError, match="train with trainer.model_ema=true, or drop ema=true"):
+        load_trained(str(path), ema=True)

@@ -80,3 +80,15 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
         raise UserError(f"checkpoint '{path}' is truncated or corrupt ({str(e).splitlines()[0][:120]}): "
                         f"use another checkpoint, e.g. best.pt, or retrain") from None
+
+
+def find_resume(resume: str, checkpoint_dir: Path, warn: Callable[[str], None]
+                ) -> Optional[Tuple[Path, Dict[str, Any]]]:
+    """What ``resume`` names: ``auto``, this run dir's newest loadable checkpoint (or None: a fresh
+    start); ``none``, None; else the checkpoint at that path."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        last = checkpoint_dir / "last.pt"
+        return load_latest([last, previous_path(last)], warn)
+    return Path(resume), load_checkpoint(resume)

@@ -1,6 +1,7 @@
 """torch.distributed set-up under torchrun (or SLURM), and the few collectives we need.
 
-Every rank check in the project goes through ``DistInfo.is_main``.
+Every rank check in the project goes through ``DistInfo.is_main``, and every collective through
+a function of this module; each is a no-op (or the identity) without a process group.
 """
 import contextlib
 import datetime
@@ -11,6 +12,7 @@ from typing import Iterator, Tuple, Type
 
 import torch
 import torch.distributed as dist
+from timm.utils import distribute_bn
 
 
 @dataclass(frozen=True)
@@ -70,15 +72,31 @@ def _attempt_store(info: DistInfo, timeout: datetime.timedelta) -> "dist.Store":
     return dist.PrefixStore(f"attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` summed over ranks, in place."""
     if dist.is_initialized():
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor``'s elementwise maximum over ranks, in place: flags any rank raised."""
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def broadcast_from_main(tensor: torch.Tensor) -> torch.Tensor:
+    """Rank 0's ``tensor`` on every rank, in place: rank 0 decides for everyone."""
+    if dist.is_initialized():
+        dist.broadcast(tensor, src=0)
+    return tensor
+
+
+def average_batchnorm(module: torch.nn.Module, world_size: int) -> None:
+    """Average BN running statistics over ranks (timm's ``distribute_bn``), so ranks agree on them."""
+    if dist.is_initialized():
+        distribute_bn(module, world_size, reduce=True)
 
 
 @torch.no_grad()

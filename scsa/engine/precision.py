@@ -1,4 +1,4 @@
-"""Mixed precision: autocast dtype from ``trainer.amp`` and a GradScaler for fp16 only."""
+"""Numerics: autocast dtype from ``trainer.amp``, a GradScaler for fp16 only, and the backends' math modes."""
 import contextlib
 from typing import Optional
 
@@ -24,3 +24,14 @@ class Precision:
         if self.dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device_type, dtype=self.dtype)
+
+
+def configure_backends(device: torch.device, deterministic: bool) -> None:
+    """Deterministic algorithms when asked; else, on CUDA, cuDNN autotuning and TF32 matmuls and
+    convolutions (NVIDIA's own training defaults: fp32 range, 10-bit mantissa products)."""
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True

@@ -1,32 +1,60 @@
 """The training loop: epochs of optimiser steps, validation, checkpoints, metrics.
 
-It sees a model, an optimiser, a scheduler and two loaders that yield device batches; it
-does not know which backbone, attention or input backend it is running. Its state can be
-saved at any step boundary and resumed from there (mid-epoch included).
+It is handed everything it works with, built: the model, optimiser, scheduler, loss, mixup and
+model EMA, two ``Loader``s, the precision, the distributed context and a tracker. It does not
+know which backbone, attention or input backend it is running, and reads no config beyond its
+own ``TrainerConfig``. Its state can be saved at any step boundary and resumed from there
+(mid-epoch included).
 """
 import contextlib
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from omegaconf import DictConfig
 from timm.data import Mixup
-from timm.data.mixup import mixup_target
-from timm.loss import SoftTargetCrossEntropy
-from timm.utils import ModelEmaV3, distribute_bn
+from timm.scheduler.scheduler import Scheduler
+from timm.utils import ModelEmaV3
 
-from data import Loaders
+from scsa.engine import distributed
 from scsa.engine.checkpoint import keep_epoch_copy, save_atomic
-from scsa.engine.distributed import DistInfo, all_reduce_sum, gather_objects, replicas_identical
+from scsa.engine.distributed import DistInfo
 from scsa.engine.evaluator import evaluate
+from scsa.engine.loader import Loader
 from scsa.engine.precision import Precision
 from scsa.engine.preemption import Preempted, PreemptionWatcher
 from scsa.engine.rng import get_rng_state, set_rng_state
 from scsa.errors import UserError
 from scsa.tracking import Throughput, Tracker
+
+
+@dataclass(frozen=True)
+class TrainerConfig:
+    """The loop's own settings: ``trainer.*`` and ``checkpoint.*`` of the run config (conf/train.yaml)."""
+    epochs: int
+    max_steps: Optional[int]      # stop after this many optimiser steps in total
+    accum_steps: int              # batches per optimiser step
+    clip_grad: Optional[float]    # max global gradient norm
+    max_nonfinite_steps: int      # skipped steps in a row before the run stops
+    log_interval: int             # steps between train-loss lines
+    compile: bool
+    sync_bn: bool
+    every_steps: int              # also checkpoint every N steps (0: off)
+    every_minutes: float          # also checkpoint every N minutes (0: off)
+    keep_last: int                # keep the last N epochs' checkpoints (0: off)
+
+    def __post_init__(self):
+        if self.accum_steps < 1:
+            raise UserError(f"trainer.accum_steps={self.accum_steps}: use a positive int (1 = no accumulation)")
+
+    @classmethod
+    def from_config(cls, trainer: DictConfig, checkpoint: DictConfig) -> "TrainerConfig":
+        merged = {**trainer, **checkpoint}
+        return cls(**{f.name: merged[f.name] for f in fields(cls)})
 
 
 def timed(loader: Iterable) -> Iterator[Tuple[torch.Tensor, torch.Tensor, float]]:
@@ -52,52 +80,28 @@ class TrainState:
     skipped_steps: int = 0    # steps skipped for a non-finite loss or gradient
 
 
-def build_mixup(cfg: Any, num_classes: int) -> Optional[Mixup]:
-    """timm's Mixup/CutMix (with label smoothing folded into its soft targets), or None if both are off."""
-    if cfg.mixup <= 0 and cfg.cutmix <= 0:
-        return None
-    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, prob=cfg.mixup_prob,
-                 switch_prob=cfg.mixup_switch_prob, label_smoothing=cfg.label_smoothing, num_classes=num_classes)
-
-
-def mix_batch(mixup: Optional[Mixup], images: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(images, labels) unchanged without mixup, else mixed images and soft targets.
-
-    timm's Mixup pairs a batch with its reverse, so an odd batch (only an epoch's last can be)
-    leaves its last image out, and a single image is not mixed (its targets are still smoothed).
-    """
-    if mixup is None:
-        return images, labels
-    if len(images) == 1:
-        return images, mixup_target(labels, mixup.num_classes, 1.0, mixup.label_smoothing)
-    if len(images) % 2:
-        images, labels = images[:-1], labels[:-1]
-    return mixup(images, labels)
-
-
 def updates_per_epoch(batches: int, accum_steps: int) -> int:
     """Optimiser steps in an epoch of ``batches`` batches (a short last group makes one too)."""
     return math.ceil(batches / accum_steps)
 
 
 class Trainer:
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, loaders: Loaders,
+    def __init__(self, cfg: TrainerConfig, *, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 scheduler: Scheduler, criterion: nn.Module, train_loader: Loader, val_loader: Loader,
                  precision: Precision, dist: DistInfo, device: torch.device, tracker: Tracker,
-                 checkpoint_dir: Path, cfg: Any, meta: Dict[str, Any]):
+                 checkpoint_dir: Path, meta: Dict[str, Any], mixup: Optional[Mixup] = None,
+                 ema: Optional[ModelEmaV3] = None):
+        self.cfg = cfg
         self.model = model                  # the bare module: what checkpoints hold
         self.train_model = model            # compiled and/or DDP-wrapped: what steps run
         self.eval_model = model             # compiled, never DDP-wrapped: ranks validate unequal shards
-        self.optimizer, self.scheduler = optimizer, scheduler
-        self.loaders, self.precision, self.dist, self.device = loaders, precision, dist, device
+        self.optimizer, self.scheduler, self.criterion = optimizer, scheduler, criterion
+        self.train_loader, self.val_loader = train_loader, val_loader
+        self.precision, self.dist, self.device = precision, dist, device
         self.tracker, self.checkpoint_dir = tracker, checkpoint_dir
-        self.cfg, self.checkpoint_cfg = cfg.trainer, cfg.checkpoint
         self.meta = meta                    # config, classes, params, flops: stored in checkpoints
+        self.mixup, self.ema = mixup, ema
         self.state = TrainState()
-        self.mixup = build_mixup(self.cfg, len(loaders.classes))
-        self.criterion = SoftTargetCrossEntropy() if self.mixup else nn.CrossEntropyLoss(
-            label_smoothing=self.cfg.label_smoothing)
-        self.ema = ModelEmaV3(model, decay=self.cfg.model_ema_decay) if self.cfg.model_ema else None
-        self.accum_steps = int(self.cfg.accum_steps)
         self.nonfinite_in_a_row = 0
         self.last_save = time.monotonic()
 
@@ -130,7 +134,7 @@ class Trainer:
     def save(self, name: str, metrics: Optional[Dict[str, Any]] = None) -> bool:
         """Write a checkpoint from rank 0; every rank calls this (loader positions are gathered).
         False if it was not written because the weights are not finite."""
-        loader_states = gather_objects(self.loaders.train.state_dict())
+        loader_states = distributed.gather_objects(self.train_loader.state_dict())
         if not all(torch.isfinite(t).all() for t in self.model.state_dict().values() if t.is_floating_point()):
             self.tracker.warning(f"not writing {name}: the model has non-finite weights at step {self.state.step}")
             return False
@@ -151,7 +155,7 @@ class Trainer:
         set_rng_state(checkpoint["rng"])
         loader_states = checkpoint.get("loader") or []
         if len(loader_states) == self.dist.world_size and loader_states[self.dist.rank]:
-            self.loaders.train.load_state_dict(loader_states[self.dist.rank])
+            self.train_loader.load_state_dict(loader_states[self.dist.rank])
         self.tracker.info("resumed from %s at epoch %d, batch %d, step %d", path, self.state.epoch,
                           self.state.batch, self.state.step)
 
@@ -168,30 +172,30 @@ class Trainer:
         finally:
             watcher.close()
         if self.dist.distributed:
-            identical = replicas_identical(self.model)
+            identical = distributed.replicas_identical(self.model)
             self.tracker.info("weights identical on all %d ranks: %s", self.dist.world_size, identical)
         return {**last, "best_top1": self.state.best_top1, "minutes": (time.perf_counter() - start) / 60}
 
     def run_epoch(self, watcher: PreemptionWatcher) -> Dict[str, Any]:
         epoch = self.state.epoch
         train = self.train_one_epoch(epoch, watcher)
-        if self.dist.distributed and not self.cfg.sync_bn:  # ranks agree on BN stats
+        if not self.cfg.sync_bn:  # ranks agree on BN stats
             for model in (self.model, self.ema.module) if self.ema else (self.model,):
-                distribute_bn(model, self.dist.world_size, reduce=True)
-        val = evaluate(self.eval_model, self.loaders.val, self.precision, self.device)
+                distributed.average_batchnorm(model, self.dist.world_size)
+        val = evaluate(self.eval_model, self.val_loader, self.precision, self.device)
         self.scheduler.step(epoch + 1)  # epoch-based schedules; per-step ones move in step_update
         self.state.epoch, self.state.batch, self.state.loss_sum, self.state.images = epoch + 1, 0, 0.0, 0
         record = {"epoch": epoch, **train, "val_loss": val["loss"], "val_top1": val["top1"],
                   "val_top5": val["top5"], "val_images": val["images"], "step": self.state.step,
                   "skipped_steps": self.state.skipped_steps}
         if self.ema:
-            val_ema = evaluate(self.ema.module, self.loaders.val, self.precision, self.device)
+            val_ema = evaluate(self.ema.module, self.val_loader, self.precision, self.device)
             record.update(val_loss_ema=val_ema["loss"], val_top1_ema=val_ema["top1"], val_top5_ema=val_ema["top5"])
         self.tracker.log_epoch(record)
         is_best = val["top1"] > self.state.best_top1
         self.state.best_top1 = max(self.state.best_top1, val["top1"])
-        if self.save("last.pt", record) and self.checkpoint_cfg.keep_last and self.dist.is_main:
-            keep_epoch_copy(self.checkpoint_dir / "last.pt", epoch, self.checkpoint_cfg.keep_last)
+        if self.save("last.pt", record) and self.cfg.keep_last and self.dist.is_main:
+            keep_epoch_copy(self.checkpoint_dir / "last.pt", epoch, self.cfg.keep_last)
         if is_best:
             self.save("best.pt", record)
         return record
@@ -201,22 +205,23 @@ class Trainer:
 
     def train_one_epoch(self, epoch: int, watcher: PreemptionWatcher) -> Dict[str, float]:
         self.train_model.train()
-        loader = self.loaders.train
-        loader.set_epoch(epoch, start_batch=self.state.batch)
+        loader = self.train_loader
+        if self.state.batch == 0:  # a resumed epoch is already positioned (load_state_dict)
+            loader.set_epoch(epoch)
         epoch_batches = self.state.batch + len(loader)
         throughput = Throughput()
-        self.tracker.start_bar(updates_per_epoch(epoch_batches, self.accum_steps),
-                               f"epoch {epoch + 1}/{self.cfg.epochs}", initial=self.state.batch // self.accum_steps)
+        self.tracker.start_bar(updates_per_epoch(epoch_batches, self.cfg.accum_steps),
+                               f"epoch {epoch + 1}/{self.cfg.epochs}", initial=self.state.batch // self.cfg.accum_steps)
         pending_loss, pending_images = torch.zeros((), dtype=torch.float64, device=self.device), 0
         try:
             for images, labels, wait in timed(loader):
                 # Groups of accum_steps batches; as in timm, the epoch's last group may be shorter
                 # and still makes its update (nothing carries over into the next epoch).
-                group_start = self.state.batch // self.accum_steps * self.accum_steps
-                group = min(self.accum_steps, epoch_batches - group_start)
+                group_start = self.state.batch // self.cfg.accum_steps * self.cfg.accum_steps
+                group = min(self.cfg.accum_steps, epoch_batches - group_start)
                 self.state.batch += 1
                 is_update = self.state.batch == group_start + group
-                images, targets = mix_batch(self.mixup, images, labels)
+                images, targets = self.mixup(images, labels) if self.mixup else (images, labels)
                 loss = self._forward_backward(images, targets, sync=is_update, group=group)
                 pending_loss += loss.double() * len(images)
                 pending_images += len(images)
@@ -240,7 +245,7 @@ class Trainer:
                     break
         finally:
             self.tracker.close_bar()
-        totals = all_reduce_sum(torch.tensor([self.state.loss_sum, float(self.state.images)],
+        totals = distributed.all_reduce_sum(torch.tensor([self.state.loss_sum, float(self.state.images)],
                                              dtype=torch.float64, device=self.device))
         return {"train_loss": (totals[0] / totals[1].clamp_min(1)).item(), "lr": self._lr(),
                 "img_per_s": throughput.rate * self.dist.world_size}
@@ -280,9 +285,7 @@ class Trainer:
             nonfinite = torch.zeros_like(nonfinite)  # fp16: GradScaler skips such steps itself
         flags = torch.stack([nonfinite.to(torch.int32),
                              torch.tensor(int(watcher.received is not None), device=loss.device)])
-        if self.dist.distributed:
-            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-        nonfinite_flag, preempt_flag = flags.tolist()
+        nonfinite_flag, preempt_flag = distributed.all_reduce_max(flags).tolist()
         return bool(nonfinite_flag), bool(preempt_flag)
 
     def _optimizer_step(self, loss_sum: float, images: int) -> None:
@@ -314,14 +317,12 @@ class Trainer:
                             f"{self.checkpoint_dir})")
 
     def _periodic_save_due(self) -> bool:
-        every_steps, every_minutes = self.checkpoint_cfg.every_steps, self.checkpoint_cfg.every_minutes
-        if every_steps and self.state.step % every_steps == 0:
+        if self.cfg.every_steps and self.state.step % self.cfg.every_steps == 0:
             return True
-        if every_minutes:  # rank 0's clock decides for everyone
-            due = torch.tensor(int(time.monotonic() - self.last_save >= 60 * every_minutes), device=self.device)
-            if self.dist.distributed:
-                torch.distributed.broadcast(due, src=0)
-            return bool(due.item())
+        if self.cfg.every_minutes:  # rank 0's clock decides for everyone
+            due = torch.tensor(int(time.monotonic() - self.last_save >= 60 * self.cfg.every_minutes),
+                               device=self.device)
+            return bool(distributed.broadcast_from_main(due).item())
         return False
 
     def _lr(self) -> float:
