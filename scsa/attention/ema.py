@@ -2,7 +2,7 @@
 import torch
 import torch.nn as nn
 
-from scsa.attention.kernels import check_kernel
+from scsa.attention.kernels import check_kernel, use_triton
 
 __all__ = ["EMA"]
 
@@ -25,6 +25,10 @@ class EMA(nn.Module):
         self.conv3x3 = nn.Conv2d(cg, cg, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(self.kernel, x):
+            from scsa.attention.kernels.ema import ema  # Triton kernels are defined on first use
+            return ema(x, self.conv1x1.weight.flatten(1), self.conv1x1.bias, self.gn.weight, self.gn.bias,
+                       self.conv3x3.weight, self.conv3x3.bias, self.groups, self.gn.eps)
         b, c, h, w = x.shape
         g = x.reshape(b * self.groups, -1, h, w)
         x_h = g.mean(3, keepdim=True)
