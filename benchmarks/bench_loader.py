@@ -1,10 +1,11 @@
-"""Train-loader throughput on CPU: DALI (CPU pipeline) vs torchvision, same JPEGs, same augmentation.
+"""Train-loader throughput on CPU: the DALI backend (CPU pipeline) vs the torchvision one.
 
     python -m benchmarks.bench_loader [--images 1024] [--workers 2] [--repeats 5] [--out results.json]
 
-Both run RandomResizedCrop(224, scale 0.08-1) + horizontal flip + normalisation to float NCHW
-batches: DALI with ``workers`` threads, torchvision as ImageFolder + DataLoader with ``workers``
-processes (PIL decode, ToTensor, Normalize). The JPEGs are ImageNet-sized (500x375): the built-in
+Both are the project's own train loaders (``data.build_loaders`` with ``conf/data/imagenet.yaml``):
+RandomResizedCrop(224, scale 0.08-1) + horizontal flip to uint8, then normalisation to float32
+NCHW on the device (here the CPU): DALI with ``workers`` threads, torchvision with ``workers``
+DataLoader processes (PIL decode). The JPEGs are ImageNet-sized (500x375): the built-in
 sample images upscaled with photo-like grain, or ``--data`` (an ImageFolder root). Epochs of the
 two loaders alternate after a warm-up epoch each; the table gives medians of steady-state rates.
 """
@@ -15,21 +16,20 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List
+from typing import Dict, Iterable, List
 
 import numpy as np
 import PIL
 import torch
 import torchvision
+from omegaconf import OmegaConf
 from PIL import Image
-from torch.utils.data import DataLoader
-from torchvision import datasets, transforms
 
-from data.dali import build_dali_loaders
+from data import build_loaders
 from scsa.benchmark import cpu_model
 
-MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
-SAMPLE = Path(__file__).resolve().parents[1] / "data" / "sample" / "train"
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = REPO / "data" / "sample" / "train"
 
 
 def make_jpegs(root: Path, count: int, size=(500, 375), classes: int = 8) -> Path:
@@ -54,19 +54,24 @@ def make_jpegs(root: Path, count: int, size=(500, 375), classes: int = 8) -> Pat
     return root
 
 
-def torchvision_loader(root: Path, batch_size: int, workers: int) -> DataLoader:
-    transform = transforms.Compose([
-        transforms.RandomResizedCrop(224, antialias=True), transforms.RandomHorizontalFlip(),
-        transforms.ToTensor(), transforms.Normalize([m / 255 for m in MEAN], [s / 255 for s in STD])])
-    return DataLoader(datasets.ImageFolder(str(root / "train"), transform), batch_size=batch_size, shuffle=True,
-                      num_workers=workers, persistent_workers=True)
+def project_loader(backend: str, root: Path, batch_size: int, workers: int) -> Iterable:
+    """The ``backend`` train loader of ``train.py data=imagenet``, one epoch per iteration."""
+    cfg = OmegaConf.load(REPO / "conf" / "data" / "imagenet.yaml")
+    cfg.update({"root": str(root), "loader": backend, "batch_size": batch_size, "workers": workers})
+    train = build_loaders(cfg, rank=0, world_size=1, device=torch.device("cpu"), seed=0, channels_last=False).train
+    return EveryEpoch(train)
 
 
-def dali_loader(root: Path, batch_size: int, workers: int) -> Iterable:
-    train, _ = build_dali_loaders(str(root), batch_size=batch_size, image_size=224, val_resize=256, mean=MEAN,
-                                  std=STD, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5, workers=workers,
-                                  rank=0, world_size=1, device=torch.device("cpu"), seed=0)
-    return train
+class EveryEpoch:
+    """A train loader that starts its next epoch each time it is iterated."""
+
+    def __init__(self, loader):
+        self.loader, self.epoch = loader, 0
+
+    def __iter__(self):
+        self.loader.set_epoch(self.epoch)
+        self.epoch += 1
+        return iter(self.loader)
 
 
 def epoch_rate(loader: Iterable, skip: int = 2) -> float:
@@ -85,8 +90,8 @@ def epoch_rate(loader: Iterable, skip: int = 2) -> float:
 
 
 def run(root: Path, batch_size: int, workers: int, repeats: int) -> Dict[str, List[float]]:
-    builders: Dict[str, Callable] = {"torchvision": torchvision_loader, "dali-cpu": dali_loader}
-    loaders = {name: build(root, batch_size, workers) for name, build in builders.items()}
+    loaders = {name: project_loader(backend, root, batch_size, workers)
+               for name, backend in (("torchvision", "torch"), ("dali-cpu", "dali"))}
     for loader in loaders.values():
         epoch_rate(loader)  # warm-up: worker start, page cache, DALI buffers
     rates: Dict[str, List[float]] = {name: [] for name in loaders}
