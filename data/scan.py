@@ -6,6 +6,7 @@ skip. Readable files in an unusual encoding (CMYK, or PNG data named .JPEG, as I
 of) are only reported as 'needs-conversion': PIL and DALI decode them, slower tools may not.
 """
 import argparse
+import contextlib
 import os
 import sys
 from multiprocessing import Pool
@@ -13,7 +14,8 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 from PIL import Image
-from data.folder import BAD_FILES_LIST, IMAGE_EXTENSIONS
+
+from data.folder import BAD_FILES_LIST, is_image
 from scsa.errors import UserError, exit_on_user_error
 
 OK, NEEDS_CONVERSION, UNREADABLE = "ok", "needs-conversion", "unreadable"
@@ -44,7 +46,7 @@ def _check(path: str) -> Tuple[str, str, str]:
 def find_images(root: str) -> List[str]:
     """Every image file under ``root``, sorted."""
     return sorted(str(Path(folder) / name) for folder, _, names in os.walk(root, followlinks=True)
-                  for name in names if name.lower().endswith(IMAGE_EXTENSIONS))
+                  for name in names if is_image(name))
 
 
 def scan(root: str, workers: int = os.cpu_count() or 1) -> Dict[str, Dict[str, str]]:
@@ -53,8 +55,12 @@ def scan(root: str, workers: int = os.cpu_count() or 1) -> Dict[str, Dict[str, s
     if not paths:
         raise UserError(f"no images under '{root}': expected {root}/<split>/<class>/<image>.jpg")
     found: Dict[str, Dict[str, str]] = {NEEDS_CONVERSION: {}, UNREADABLE: {}}
-    with Pool(max(1, workers)) as pool:
-        for path, status, reason in pool.imap_unordered(_check, paths, chunksize=64):
+    with contextlib.ExitStack() as stack:
+        if workers > 1:
+            checked = stack.enter_context(Pool(workers)).imap_unordered(_check, paths, chunksize=64)
+        else:  # one worker: this process
+            checked = map(_check, paths)
+        for path, status, reason in checked:
             if status != OK:
                 found[status][str(Path(path).relative_to(root))] = reason
     return found

@@ -10,6 +10,14 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional
 
+import torch
+
+# Without a GPU, kernel="triton" runs the Triton kernels on CPU tensors in Triton's interpreter.
+# Triton reads TRITON_INTERPRET when it is first imported (its library functions are defined
+# then), and importing scsa imports it: so it is set here, before anything else imports it.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
@@ -30,6 +38,26 @@ def copy_sample(dest: Path, train_per_class: int, val_per_class: int, classes: i
             for image in sorted(class_dir.iterdir())[:count]:
                 shutil.copy(image, out / image.name)
     return dest
+
+
+RUN_OUTPUTS = ("outputs", "multirun", "wandb")  # git-ignored folders the commands write by default
+
+
+def checkout_files() -> set:
+    """Untracked files in the checkout, ignored run outputs included: what a test might leave behind."""
+    listed = subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=REPO, capture_output=True,
+                            text=True)
+    outputs = {str(p.relative_to(REPO)) for folder in RUN_OUTPUTS for p in (REPO / folder).rglob("*") if p.is_file()}
+    return set(listed.stdout.split()) | outputs
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tests_write_only_under_tmp():
+    """Fail the session if a test wrote into the checkout (tests write only under temporary folders)."""
+    before = checkout_files()
+    yield
+    left = sorted(p for p in checkout_files() - before if "__pycache__" not in p)
+    assert not left, f"tests wrote into the checkout: {left[:10]}"
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data.scan import NEEDS_CONVERSION, OK, UNREADABLE, check_image, main, scan
+from data.folder import check_dataset_root, list_images
+from data.scan import NEEDS_CONVERSION, OK, UNREADABLE, check_image, find_images, main, scan
 
 
 def image(mode="RGB", size=(32, 24)) -> Image.Image:
@@ -41,13 +42,13 @@ def test_check_image(dataset, name, status):
 
 
 def test_scan_reports_relative_paths(dataset):
-    found = scan(str(dataset), workers=2)
+    found = scan(str(dataset), workers=1)
     assert sorted(found[UNREADABLE]) == ["val/b/empty.png", "val/b/garbage.jpg", "val/b/truncated.jpg"]
     assert sorted(found[NEEDS_CONVERSION]) == ["train/a/cmyk.jpg", "train/a/png_inside.JPEG", "train/a/rgba.png"]
 
 
 def test_cli_writes_bad_files(dataset, capsys):
-    main([str(dataset), "--workers", "2"])
+    main([str(dataset), "--workers", "1"])
     assert (dataset / "bad_files.txt").read_text().splitlines() == [
         "val/b/empty.png", "val/b/garbage.jpg", "val/b/truncated.jpg"]
     out = capsys.readouterr().out
@@ -61,3 +62,16 @@ def test_cli_fails_in_one_line_on_a_missing_or_empty_root(tmp_path, capsys):
         assert exit_info.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and err.count("\n") == 1
+
+
+def test_scan_and_the_loaders_see_the_same_files(tmp_path):
+    for split in ("train", "val"):
+        folder = tmp_path / split / "a"
+        folder.mkdir(parents=True)
+        for suffix in ("jpg", "JPEG", "png", "ppm", "pgm", "bmp", "webp", "tif"):
+            image("L" if suffix == "pgm" else "RGB").save(folder / f"x.{suffix}")
+        (folder / "notes.txt").write_text("not an image")
+    classes = check_dataset_root(str(tmp_path))
+    listed = [f for split in ("train", "val") for f in list_images(str(tmp_path), split, classes)[0]]
+    assert sorted(listed) == sorted(str(Path(p).relative_to(tmp_path)) for p in find_images(str(tmp_path)))
+    assert len(listed) == 16
