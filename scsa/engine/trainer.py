@@ -246,7 +246,7 @@ class Trainer:
         finally:
             self.tracker.close_bar()
         totals = distributed.all_reduce_sum(torch.tensor([self.state.loss_sum, float(self.state.images)],
-                                             dtype=torch.float64, device=self.device))
+                                                         dtype=torch.float64, device=self.device))
         return {"train_loss": (totals[0] / totals[1].clamp_min(1)).item(), "lr": self._lr(),
                 "img_per_s": throughput.rate * self.dist.world_size}
 
