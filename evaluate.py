@@ -4,8 +4,10 @@
 last stdout line, one JSON object with top1, top5, loss, images, params and flops (MACs per
 image at the evaluation resolution), and with throughput=true img_per_s (inference on
 synthetic batches of data.batch_size). Only the data's ``val/`` folder is read.
-``python evaluate.py compare=MULTIRUN_DIR`` writes comparison.md, comparison.csv and
-comparison.png into that folder and prints the table.
+``python evaluate.py compare=MULTIRUN_DIR`` groups the sweep's runs by everything but the seed and
+writes comparison.{md,csv,tex,png} into that folder (``scsa.compare``), then prints the table.
+``python evaluate.py cam=MULTIRUN_DIR images=8`` draws Grad-CAM maps (``cam.gate=true``: the
+modules' spatial gates) of the val images for each group's model into DIR/cam.png (``scsa.cam``).
 """
 import json
 from pathlib import Path
@@ -18,7 +20,8 @@ import scsa.config  # noqa: F401  (registers the resolvers conf/ uses)
 from data import build_loaders
 from scsa.benchmark import inference_throughput
 from scsa.cli import hydra_entry_point, run_task
-from scsa.compare import write_comparison
+from scsa.cam import checkpoint_columns, sweep_columns, write_cam
+from scsa.compare import Throughput, write_comparison
 from scsa.complexity import count_macs, count_params
 from scsa.engine import distributed
 from scsa.engine.evaluator import evaluate
@@ -37,12 +40,33 @@ def data_config(cfg: DictConfig, stored: dict) -> DictConfig:
 
 
 def compare(cfg: DictConfig) -> None:
-    """``compare=DIR``: the sweep's table and chart, written into DIR."""
+    """``compare=DIR``: the sweep's table (a row per group of seeds) and chart, written into DIR."""
+    settings = OmegaConf.to_container(cfg.compare)
+    sweep_dir, measure = Path(settings.pop("dir")), settings.pop("throughput")
     try:
-        write_comparison(Path(cfg.compare))
+        write_comparison(sweep_dir, Throughput(**settings, device=cfg.device) if measure else None)
     except ValueError as e:
         raise UserError(str(e)) from None
-    print((Path(cfg.compare) / "comparison.md").read_text())
+    print((sweep_dir / "comparison.md").read_text())
+
+
+def cam(cfg: DictConfig) -> dict:
+    """``cam=DIR images=N``: Grad-CAM (or spatial gate) maps of each group's model, into DIR/cam.png."""
+    settings = cfg.cam
+    try:
+        if settings.checkpoints:
+            columns, source = checkpoint_columns(list(settings.checkpoints)), "columns: the listed checkpoints"
+        else:
+            columns, source = sweep_columns(Path(settings.dir)), "columns: each group's lowest-seed checkpoint"
+        if not (settings.out or settings.dir):
+            raise ValueError("cam.checkpoints=[...] needs cam.out=PATH.png (or cam=DIR to write DIR/cam.png)")
+        out = Path(settings.out) if settings.out else Path(settings.dir) / "cam.png"
+        summary = write_cam(columns, out, cfg.images, settings.layer, settings.gate, settings.block, cfg.ema,
+                            settings.data_root, source)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    print(json.dumps(summary))
+    return summary
 
 
 def score(cfg: DictConfig) -> dict:
@@ -69,11 +93,13 @@ def score(cfg: DictConfig) -> dict:
 
 
 def dispatch(cfg: DictConfig) -> None:
-    if cfg.compare:
+    if cfg.compare.dir:
         return compare(cfg)
+    if cfg.cam.dir or cfg.cam.checkpoints:
+        return cam(cfg)
     if cfg.checkpoint:
         return score(cfg)
-    raise UserError("nothing to do: pass checkpoint=PATH or compare=MULTIRUN_DIR")
+    raise UserError("nothing to do: pass checkpoint=PATH, compare=MULTIRUN_DIR or cam=MULTIRUN_DIR")
 
 
 @hydra.main(config_path="conf", config_name="evaluate", version_base="1.3")
@@ -82,4 +108,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    hydra_entry_point(main, config_name="evaluate")
+    hydra_entry_point(main, config_name="evaluate", shorthands={"compare": "compare.dir", "cam": "cam.dir"})

@@ -1,9 +1,8 @@
-"""What runs and sweeps leave for people to read: curves, the comparison table, W&B runs.
+"""What runs leave for people to read: curves and W&B runs (sweep comparisons: test_compare.py).
 
 W&B runs offline only, in a subprocess with every wandb folder in tmp: nothing touches the
 network or the user's wandb setup, and the run is read back with wandb's own reader.
 """
-import csv
 import json
 import os
 import subprocess
@@ -13,10 +12,7 @@ from pathlib import Path
 from typing import Any, Dict, List
 
 import pytest
-import torch
-from omegaconf import OmegaConf
 
-from scsa.compare import write_comparison
 from scsa.plots import plot_curves
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,41 +35,6 @@ def test_plot_curves_writes_png(tmp_path):
     write_metrics(tmp_path / "metrics.jsonl", [10.0, 25.5, 31.0], [900.0, 1000.0, 1100.0])
     plot_curves(tmp_path / "metrics.jsonl", tmp_path / "curves.png")
     assert_png(tmp_path / "curves.png")
-
-
-def make_run(run_dir: Path, model: str, attention: str, top1: List[float], img_per_s: List[float],
-             params: int, flops: int) -> None:
-    (run_dir / ".hydra").mkdir(parents=True)
-    OmegaConf.save(OmegaConf.create({"model": {"name": model}, "attention": {"name": attention}}),
-                   run_dir / ".hydra" / "config.yaml")
-    write_metrics(run_dir / "metrics.jsonl", top1, img_per_s)
-    (run_dir / "checkpoints").mkdir()
-    torch.save({"model": {"w": torch.zeros(2)}, "params": params, "flops": flops}, run_dir / "checkpoints" / "best.pt")
-
-
-def test_compare_sweep(tmp_path):
-    sweep = tmp_path / "multirun"
-    make_run(sweep / "0", "resnet18", "none", [40.0, 52.25, 51.0], [900.0, 1000.0, 5000.0], 11_689_512, 1_819_066_368)
-    make_run(sweep / "1", "resnet18", "scsa", [41.0, 53.75], [800.0, 850.0], 11_700_000, 1_830_000_000)
-    rows = write_comparison(sweep)
-
-    assert [(r["attention"], r["best_top1"], r["top5"], r["epochs"], r["img_per_s"]) for r in rows] == [
-        ("none", 52.25, 72.25, 3, 1000.0), ("scsa", 53.75, 73.75, 2, 825.0)]
-    table = (sweep / "comparison.md").read_text()
-    assert table.splitlines()[0].startswith("| model | attention | params (M) | FLOPs (G) | img/s | best top-1 |")
-    assert "| resnet18 | none | 11.69 | 1.82 | 1000 | 52.25 | 72.25 | 3 | 0 |" in table
-    assert "| resnet18 | scsa | 11.70 | 1.83 | 825 | 53.75 | 73.75 | 2 | 1 |" in table
-    with (sweep / "comparison.csv").open() as f:
-        csv_rows = list(csv.DictReader(f))
-    assert [(r["attention"], int(r["params"]), int(r["flops"]), float(r["best_top1"])) for r in csv_rows] == [
-        ("none", 11_689_512, 1_819_066_368, 52.25), ("scsa", 11_700_000, 1_830_000_000, 53.75)]
-    assert_png(sweep / "comparison.png")
-
-
-def test_compare_without_runs_says_what_to_pass(tmp_path):
-    (tmp_path / "0").mkdir()
-    with pytest.raises(ValueError, match="no runs with metrics.jsonl under .*: pass the multirun dir"):
-        write_comparison(tmp_path)
 
 
 def test_disabled_wandb_run_is_a_noop_that_never_imports_wandb(monkeypatch, tmp_path):

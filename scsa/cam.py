@@ -1,0 +1,292 @@
+"""Attention maps of trained models side by side: Grad-CAM, or the modules' own spatial gates.
+
+``python evaluate.py cam=SWEEP_DIR images=8`` draws one grid: the same val images as rows,
+one column per model, each cell the map over the image with the predicted class and its
+probability. For a sweep a column is a group of runs that differ only by seed
+(``scsa.runs``), drawn from its lowest seed's ``best.pt``: seeds of one recipe look alike,
+and one column per recipe keeps seven attentions readable; ``cam.checkpoints=[...]``
+names the checkpoints (one column each) instead.
+
+Grad-CAM is ``pytorch_grad_cam``'s (the ``grad-cam`` package), for the predicted class, at
+the last stage unless ``cam.layer`` names another module. With ``cam.gate=true`` a cell shows
+the spatial gate the attention module applies at one block instead: SCSA's a_h ⊗ a_w, CBAM's
+spatial map, CA's a_h ⊗ a_w, EMA's cross-spatial weights (mean over channels or groups).
+The gate is recomputed from the module's input (a forward pre-hook) and its public
+submodules, the same way whichever kernel (Triton or eager) ran the forward.
+"""
+import logging
+import textwrap
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from matplotlib.figure import Figure
+from PIL import Image
+
+from data.folder import list_images
+from data.torch_loader import val_transform
+from scsa.attention import CBAM, EMA, SCSA, CoordAttention
+from scsa.runs import find_runs, group_runs
+from scsa.trained import TrainedModel, load_trained
+
+log = logging.getLogger(__name__)
+
+CELL_INCHES = 1.6        # one grid cell; the figure is CELL_INCHES * columns wide
+TITLE_LINE_INCHES = 0.2  # per line of the title above the grid
+CHARS_PER_INCH = 14      # of the 8 pt title, to wrap it to the grid's width
+DPI = 100
+
+
+@dataclass
+class Column:
+    label: str
+    checkpoint: Path
+
+
+def sweep_columns(sweep_dir: Path) -> List[Column]:
+    """One column per group of runs, from its lowest seed's best.pt (else last.pt)."""
+    groups = group_runs(find_runs(sweep_dir))
+    one_model = len({g.model for g in groups}) == 1
+    columns = []
+    for group in groups:
+        run = next((r for r in group.runs if r.checkpoint() is not None), None)
+        if run is None:
+            log.warning("skipping %s: its runs have no checkpoints", group.label)
+            continue
+        columns.append(Column(group.label.replace(f"{group.model} + ", "") if one_model else group.label,
+                              run.checkpoint()))
+    if not columns:
+        raise ValueError(f"no checkpoints under {sweep_dir}: pass a sweep dir whose runs wrote checkpoints/best.pt")
+    return columns
+
+
+def checkpoint_columns(paths: Sequence[str]) -> List[Column]:
+    """One column per checkpoint, labelled by its run dir (``<run>/checkpoints/best.pt``)."""
+    columns = []
+    for path in map(Path, paths):
+        if not path.is_file():
+            raise ValueError(f"checkpoint '{path}' not found: list .pt files written by train.py in cam.checkpoints")
+        run_dir = path.parent.parent if path.parent.name == "checkpoints" else path.parent
+        columns.append(Column(f"{run_dir.name}/{path.stem}", path))
+    return columns
+
+
+def last_stage(model: nn.Module) -> str:
+    """Module path of the model's last stage: ResNet ``layer4``, MobileNetV2's last feature layer."""
+    if hasattr(model, "layer4"):
+        return "layer4"
+    if isinstance(getattr(model, "features", None), nn.Sequential):
+        return f"features.{len(model.features) - 1}"
+    raise ValueError(f"no known last stage in {type(model).__name__}: name a module with cam.layer=...")
+
+
+def _module(model: nn.Module, path: str, key: str) -> nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        stages = [name for name, _ in model.named_children()]
+        raise ValueError(f"{key}={path} is not a module of the model: use a module path such as "
+                         f"{', '.join(stages[-4:])} or layer4.1") from None
+
+
+def last_attention_block(model: nn.Module) -> str:
+    """The last block that carries an attention slot (``.attn``, an Identity for attention=none)."""
+    blocks = [name for name, module in model.named_modules() if isinstance(getattr(module, "attn", None), nn.Module)]
+    if not blocks:
+        raise ValueError("the model has no blocks with an attention slot: name one with cam.block=...")
+    return blocks[-1]
+
+
+# ---- the modules' spatial gates, recomputed from their input and public submodules ---------------
+# Each returns the gate as the module multiplies it in, broadcastable to the input (B, C, H, W).
+
+def _scsa_gate(m: SCSA, x: torch.Tensor) -> torch.Tensor:
+    """a_h ⊗ a_w of SMSA (the output is x * a_h * a_w * a_c, a_c per channel)."""
+    convs = (m.local_dwc, m.global_dwc_s, m.global_dwc_m, m.global_dwc_l)
+
+    def strip(s: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:  # (B, C, L) -> gate (B, C, L)
+        z = norm(torch.cat([conv(part) for conv, part in zip(convs, s.chunk(4, dim=1))], dim=1))
+        return torch.sigmoid(z) if m.gate_layer == "sigmoid" else torch.softmax(z, dim=-1)
+
+    return strip(x.mean(3), m.norm_h)[..., :, None] * strip(x.mean(2), m.norm_w)[..., None, :]
+
+
+def _cbam_gate(m: CBAM, x: torch.Tensor) -> torch.Tensor:
+    """The spatial map (B, 1, H, W), applied after the channel gate."""
+    y = m.channel(x)
+    return torch.sigmoid(m.spatial.conv(torch.cat([y.mean(dim=1, keepdim=True), y.amax(dim=1, keepdim=True)], 1)))
+
+
+def _ca_gate(m: CoordAttention, x: torch.Tensor) -> torch.Tensor:
+    """a_h ⊗ a_w, the coordinate gates."""
+    h, w = x.shape[2:]
+    y = m.act(m.bn1(m.conv1(torch.cat([x.mean(3, keepdim=True), x.mean(2, keepdim=True).transpose(2, 3)], dim=2))))
+    y_h, y_w = torch.split(y, [h, w], dim=2)
+    return torch.sigmoid(m.conv_h(y_h)) * torch.sigmoid(m.conv_w(y_w.transpose(2, 3)))
+
+
+def _ema_gate(m: EMA, x: torch.Tensor) -> torch.Tensor:
+    """The cross-spatial weights, one map per channel group."""
+    b, c, h, w = x.shape
+    g = x.reshape(b * m.groups, -1, h, w)
+    x_h, x_w = torch.split(m.conv1x1(torch.cat([g.mean(3, keepdim=True), g.mean(2, keepdim=True).transpose(2, 3)],
+                                               dim=2)), [h, w], dim=2)
+    x1 = m.gn(g * x_h.sigmoid() * x_w.transpose(2, 3).sigmoid())
+    x2 = m.conv3x3(g)
+    weights = (torch.softmax(x1.mean((2, 3)), dim=-1).unsqueeze(1) @ x2.flatten(2)
+               + torch.softmax(x2.mean((2, 3)), dim=-1).unsqueeze(1) @ x1.flatten(2))
+    return weights.view(b, m.groups, h, w).sigmoid().repeat_interleave(c // m.groups, dim=1)
+
+
+GATES: Dict[type, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
+    SCSA: _scsa_gate, CBAM: _cbam_gate, CoordAttention: _ca_gate, EMA: _ema_gate}
+
+
+def gate_of(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """The spatial gate ``module`` multiplies into input ``x`` (broadcastable to it); None for
+    modules without one (SE, ECA: channel gates only; attention=none)."""
+    gate = GATES.get(type(module))
+    if gate is None:
+        return None
+    with torch.no_grad():
+        return gate(module, x.float())
+
+
+def spatial_gate(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
+    """``gate_of`` as one (B, H, W) map: the mean over channels (or channel groups)."""
+    gate = gate_of(module, x)
+    return None if gate is None else gate.mean(1)
+
+
+# ---- the grid ------------------------------------------------------------------------------------
+
+@dataclass
+class Cell:
+    heat: Optional[np.ndarray]  # (H, W) in [0, 1], None: nothing to show
+    predicted: str
+    probability: float
+    note: str = ""
+
+
+def val_images(trained: TrainedModel, count: int, data_root: Optional[str]) -> Tuple[List[Image.Image], List[int]]:
+    """``count`` val images spread evenly over the run's val split (so over its classes), and labels."""
+    root = data_root or trained.config["data"]["root"]
+    if not (Path(root) / "val").is_dir():
+        raise ValueError(f"'{root}' has no val/ folder: pass cam.data_root=<the dataset the runs trained on>")
+    files, labels = list_images(root, "val", trained.classes)
+    if not files:
+        raise ValueError(f"'{root}/val' holds no images of the run's classes: pass cam.data_root=<its dataset>")
+    picks = np.unique(np.linspace(0, len(files) - 1, min(count, len(files))).round().astype(int))
+    images = []
+    for i in picks:
+        with Image.open(Path(root) / files[i]) as image:
+            images.append(image.convert("RGB"))
+    return images, [labels[i] for i in picks]
+
+
+def _batch(trained: TrainedModel, images: List[Image.Image]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """uint8 crops (as the val loader makes them) and the normalised float batch."""
+    data = trained.config["data"]
+    crop = val_transform(data["image_size"], data["val_resize"])
+    uint8 = torch.stack([crop(image) for image in images])
+    mean, std = (torch.tensor(data[k], dtype=torch.float32).view(1, 3, 1, 1) for k in ("mean", "std"))
+    return uint8, (uint8.float() - mean) / std
+
+
+def model_cells(trained: TrainedModel, x: torch.Tensor, layer: Optional[str], gate: bool,
+                block: Optional[str]) -> Tuple[List[Cell], str]:
+    """A cell per image of ``x`` for one model, and what the cells show (module, map size)."""
+    model = trained.model
+    seen: List[object] = []  # the attention's input (gate) or the layer's output, from the forward below
+    if gate:
+        path = block or last_attention_block(model)
+        module = _module(model, path, "cam.block")
+        target = module.attn if isinstance(getattr(module, "attn", None), nn.Module) else module
+        handle = target.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    else:
+        path = layer or last_stage(model)
+        target = _module(model, path, "cam.layer")
+        handle = target.register_forward_hook(lambda _, args, out: seen.append(out))
+    try:
+        with torch.no_grad():
+            probs = torch.softmax(model(x).float(), dim=1)
+    finally:
+        handle.remove()
+    if not seen or not isinstance(seen[0], torch.Tensor) or seen[0].dim() != 4:
+        raise ValueError(f"{path} gives no (B, C, H, W) map in the model's forward: pick a conv stage or block")
+    confidence, predicted = probs.max(dim=1)
+    names = [trained.classes[i] for i in predicted.tolist()]
+    size = "x".join(str(n) for n in seen[0].shape[-2:])
+    if gate:
+        what = f"spatial gate at {path} ({size})"
+        maps = spatial_gate(target, seen[0])
+        if maps is None:
+            return [Cell(None, n, float(p), "no spatial gate") for n, p in zip(names, confidence)], what
+        heat = F.interpolate(maps[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+        cells = []
+        for h, n, p in zip(heat, names, confidence):
+            low, high = float(h.min()), float(h.max())  # the raw range goes in the cell, the colours span it
+            cells.append(Cell(((h - low) / max(high - low, 1e-12)).numpy(), n, float(p), f"gate {low:.2f}-{high:.2f}"))
+        return cells, what
+    from pytorch_grad_cam import GradCAM  # loads OpenCV and scikit-learn (2 s): only when drawing Grad-CAM
+    with GradCAM(model=model, target_layers=[target]) as cam:
+        heat = cam(input_tensor=x, targets=None)  # targets=None: the predicted class
+    return [Cell(h, n, float(p)) for h, n, p in zip(heat, names, confidence)], f"Grad-CAM at {path} ({size})"
+
+
+def render(truth: List[str], labels: List[str], crops: List[torch.Tensor], columns: List[List[Cell]],
+           title: str, out: Path) -> None:
+    """Rows = images, columns = models (each over its own val crop); green: predicted right, red: wrong."""
+    rows, cols = len(truth), len(columns)
+    title = textwrap.fill(title, width=int(CELL_INCHES * cols * CHARS_PER_INCH))
+    fig = Figure(figsize=(CELL_INCHES * cols, CELL_INCHES * rows + TITLE_LINE_INCHES * (1 + title.count("\n"))),
+                 dpi=DPI, layout="constrained")
+    fig.suptitle(title, fontsize=8)
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for c, (label, crop, cells) in enumerate(zip(labels, crops, columns)):
+        for r, cell in enumerate(cells):
+            ax = axes[r][c]
+            ax.imshow(crop[r].permute(1, 2, 0).numpy())
+            if cell.heat is not None:
+                ax.imshow(cell.heat, cmap="jet", alpha=0.45, vmin=0.0, vmax=1.0)
+            text = f"{cell.predicted} {cell.probability:.0%}" + (f"\n{cell.note}" if cell.note else "")
+            ax.set_title((f"{label}\n" if r == 0 else "") + text, fontsize=7,
+                         color="green" if cell.predicted == truth[r] else "red")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if c == 0:
+                ax.set_ylabel(truth[r], fontsize=7)
+    fig.savefig(out, dpi=DPI)
+
+
+def write_cam(columns: List[Column], out: Path, images: int = 8, layer: Optional[str] = None, gate: bool = False,
+              block: Optional[str] = None, ema: bool = False, data_root: Optional[str] = None,
+              source: str = "") -> Dict:
+    """Draw the grid for ``columns`` into ``out``; return a summary (columns, images, what is shown).
+
+    ``source`` says in the title where the columns' checkpoints come from.
+    """
+    if images < 1:
+        raise ValueError(f"images={images}: pass images=N with N >= 1")
+    first = load_trained(str(columns[0].checkpoint), ema=ema, kernel="torch")
+    pictures, labels = val_images(first, images, data_root)
+    crops, grid, shows = [], [], set()
+    for column in columns:
+        trained = first if column is columns[0] else load_trained(str(column.checkpoint), ema=ema, kernel="torch")
+        if trained.classes != first.classes:
+            raise ValueError(f"{column.checkpoint} was trained on other classes than {columns[0].checkpoint}: "
+                             f"draw runs of one dataset together")
+        uint8, x = _batch(trained, pictures)
+        cells, what = model_cells(trained, x, layer, gate, block)
+        crops.append(uint8)
+        grid.append(cells)
+        shows.add(what)
+    title = " / ".join(sorted(shows)) + (" (EMA weights)" if ema else "") + (f"; {source}" if source else "")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    render([first.classes[i] for i in labels], [c.label for c in columns], crops, grid, title, out)
+    return {"out": str(out), "columns": [c.label for c in columns], "checkpoints": [str(c.checkpoint) for c in columns],
+            "images": len(labels), "shows": sorted(shows)}
