@@ -92,15 +92,18 @@ def interleaved(builders: Sequence[Callable[[], Callable[[], None]]], warmup: in
 
     Each step is built and warmed up (compilation, cudnn autotuning) one at a time, then all
     are timed in ``rounds`` interleaved rounds of ``steps`` steps: a noisy machine slows them alike.
+    A step's peak is its own: the memory the steps built before it hold is not counted.
     """
     built, peaks = [], []
     for build in builders:
+        held = 0
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
+            held = torch.cuda.memory_allocated(device)
         step = build()
         timed(step, warmup, device)
         built.append(step)
-        peaks.append(torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None)
+        peaks.append((torch.cuda.max_memory_allocated(device) - held) / 2**30 if device.type == "cuda" else None)
     seconds: List[List[float]] = [[] for _ in built]
     for _ in range(rounds):
         for i, step in enumerate(built):
