@@ -10,6 +10,7 @@ writes comparison.{md,csv,tex,png} into that folder (``scsa.compare``), then pri
 modules' spatial gates) of the val images for each group's model into DIR/cam.png (``scsa.cam``).
 """
 import json
+import sys
 from pathlib import Path
 
 import hydra
@@ -27,6 +28,7 @@ from scsa.engine import distributed
 from scsa.engine.evaluator import evaluate
 from scsa.engine.precision import Precision
 from scsa.errors import UserError
+from scsa.export import VerificationError, export_checkpoint
 from scsa.trained import load_trained
 
 
@@ -92,11 +94,29 @@ def score(cfg: DictConfig) -> dict:
         return result
 
 
+def export(cfg: DictConfig) -> dict:
+    """``checkpoint=PATH export=safetensors|onnx``: the model for timm, model hubs or ONNX runtimes."""
+    if not cfg.checkpoint:
+        raise UserError("export=... needs checkpoint=PATH: name the checkpoint to export")
+    options = OmegaConf.to_container(cfg.export)
+    try:
+        summary = export_checkpoint(cfg.checkpoint, options.pop("format"), options.pop("out"), cfg.ema, **options)
+    except VerificationError as e:
+        sys.exit(f"error: {e}")  # exit 1: a wrong export is a bug, not bad input
+    check = (f"onnxruntime vs PyTorch: max abs difference {summary['max_abs_diff']:.2g}"
+             if "max_abs_diff" in summary else "reloaded through timm: bitwise equal")
+    print(f"exported {', '.join(summary['files'])} ({check})")
+    print(json.dumps(summary))
+    return summary
+
+
 def dispatch(cfg: DictConfig) -> None:
     if cfg.compare.dir:
         return compare(cfg)
     if cfg.cam.dir or cfg.cam.checkpoints:
         return cam(cfg)
+    if cfg.get("export"):
+        return export(cfg)
     if cfg.checkpoint:
         return score(cfg)
     raise UserError("nothing to do: pass checkpoint=PATH, compare=MULTIRUN_DIR or cam=MULTIRUN_DIR")

@@ -1,0 +1,166 @@
+"""A trained model in the formats the field's tools read: timm's hub layout and ONNX.
+
+- ``safetensors``: ``model.safetensors`` + ``config.json`` as ``timm.models.save_for_hf`` writes
+  them (architecture, num_classes, label_names, the attention kwargs as ``model_args``, and a
+  ``pretrained_cfg`` with the run's preprocessing), loadable by
+  ``timm.create_model("local-dir:<folder>")`` or ``timm.create_model("<architecture>",
+  pretrained=True, pretrained_cfg_overlay=dict(file=".../model.safetensors"))``.
+- ``onnx``: ``model.onnx`` (input ``images``, output ``logits``, a dynamic batch axis) through
+  torch's dynamo exporter, then checked against PyTorch with onnxruntime on the CPU.
+"""
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, Iterator, Optional, Tuple
+
+import numpy as np
+import timm
+import torch
+import torch.nn as nn
+
+from scsa.errors import UserError
+from scsa.models.registry import timm_name
+from scsa.trained import TrainedModel, load_trained
+
+__all__ = ["FORMATS", "VerificationError", "default_export_dir", "export_checkpoint", "export_onnx",
+           "export_safetensors", "timm_model_args", "verify_onnx", "verify_safetensors"]
+
+FORMATS = ("safetensors", "onnx")
+ONNX_INPUT, ONNX_OUTPUT = "images", "logits"
+RUNTIME_KWARGS = ("kernel",)  # where a model runs is the loader's choice, not part of the architecture
+
+
+class VerificationError(RuntimeError):
+    """The exported model's outputs differ from PyTorch's by more than the tolerance."""
+
+
+@contextlib.contextmanager
+def _quiet(*loggers: str) -> Iterator[None]:
+    """Warnings only from these libraries' loggers: their INFO lines (one per deduplicated ONNX
+    initializer, one per loaded file) would bury the export's own report."""
+    saved = {name: logging.getLogger(name).level for name in loggers}
+    for name in loggers:
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
+
+
+def default_export_dir(checkpoint: Path, ema: bool = False) -> Path:
+    """``<dir>/<stem>[_ema]_export`` beside the checkpoint: one folder per set of weights."""
+    return checkpoint.parent / f"{checkpoint.stem}{'_ema' if ema else ''}_export"
+
+
+def timm_model_args(config: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
+    """The timm architecture of a run's model and the arguments that rebuild it.
+
+    Without attention a ResNet is timm's own (same modules, same state_dict names); MobileNetV2's
+    module layout is this project's, so it has no timm name without attention.
+    """
+    backbone, attention = config["model"]["name"], config["attention"]["name"]
+    if attention != "none":
+        kwargs = {k: v for k, v in config["attention"]["kwargs"].items() if k not in RUNTIME_KWARGS}
+        return timm_name(backbone, attention), {"position": config["attention"]["position"], **kwargs}
+    if backbone.startswith("resnet"):
+        return backbone, {}
+    raise ValueError(f"{backbone} without attention has no timm architecture with this module layout: "
+                     f"export it with export=onnx, or train it with an attention")
+
+
+def _data_config(data: Dict[str, Any]) -> Dict[str, Any]:
+    """The run's preprocessing on timm's scale (0-1 mean/std, crop_pct = image_size / val_resize)."""
+    size = int(data["image_size"])
+    return dict(input_size=(3, size, size), mean=tuple(round(m / 255, 6) for m in data["mean"]),
+                std=tuple(round(s / 255, 6) for s in data["std"]), crop_pct=round(size / data["val_resize"], 4),
+                interpolation="bilinear", crop_mode="center")
+
+
+def export_safetensors(trained: TrainedModel, out: Path) -> Dict[str, Path]:
+    """Write ``model.safetensors`` and ``config.json`` into ``out`` (timm's hub layout)."""
+    name, model_args = timm_model_args(trained.config)
+    model = timm.create_model(name, num_classes=len(trained.classes), **model_args)
+    model.load_state_dict(trained.model.state_dict())  # strict: the timm name builds the same modules
+    timm.models.save_for_hf(model, out, model_config=dict(label_names=list(trained.classes)),
+                            data_config=_data_config(trained.config["data"]), safe_serialization=True)
+    return {"weights": out / "model.safetensors", "config": out / "config.json"}
+
+
+def verify_safetensors(out: Path, model: nn.Module) -> None:
+    """Load ``out`` the way a timm user does and check every tensor is ``model``'s, bit for bit."""
+    with _quiet("timm"):
+        loaded = timm.create_model(f"local-dir:{out}", pretrained=True).state_dict()
+    want = model.state_dict()
+    differ = [k for k, v in want.items() if k not in loaded or not torch.equal(loaded[k], v)]
+    if differ or set(loaded) != set(want):
+        raise VerificationError(f"timm.create_model('local-dir:{out}') does not give back the exported weights "
+                                f"({len(differ)} tensors differ, e.g. {differ[:3]}): the export is wrong")
+
+
+def export_onnx(trained: TrainedModel, out: Path, opset: int = 18, verify_batch: int = 4,
+                atol: float = 1e-4) -> Tuple[Path, float]:
+    """Write ``out/model.onnx`` and verify it (``verify_onnx``); return its path and the max abs difference.
+
+    torch's dynamo exporter traces through ``torch.export``, under which every attention module
+    takes its plain-op path (``scsa.attention.kernels.exporting``), never a custom kernel.
+    """
+    size = int(trained.config["data"]["image_size"])
+    path = out / "model.onnx"
+    example = torch.randn(2, 3, size, size)
+    with _quiet("onnx_ir", "onnxscript"):
+        torch.onnx.export(trained.model, (example,), str(path), dynamo=True, opset_version=opset,
+                          input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(verify_batch, 3, size, size, generator=generator)  # another batch size than the trace's
+    return path, verify_onnx(path, trained.model, images, atol)
+
+
+def verify_onnx(path: Path, model: nn.Module, images: torch.Tensor, atol: float = 1e-4) -> float:
+    """Max abs difference between onnxruntime's (CPU) and ``model``'s eval outputs on ``images``;
+    a ``VerificationError`` above ``atol``."""
+    import onnxruntime  # deployment-only dependency: imported when asked for
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run([ONNX_OUTPUT], {ONNX_INPUT: images.numpy()})[0]
+    with torch.no_grad():
+        want = model.eval()(images).numpy()
+    diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
+    if not diff <= atol:
+        raise VerificationError(f"'{path}' differs from PyTorch's outputs by up to {diff:.3g} (tolerance {atol:g}, "
+                                f"output shapes {got.shape} vs {want.shape}): the export is wrong, do not deploy it")
+    return diff
+
+
+def _writable_dir(out: Path) -> Path:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"cannot create the export folder '{out}' ({e.strerror or e}): "
+                        f"pass export.out=<a writable folder>") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise UserError(f"the export folder '{out}' is not writable: pass export.out=<a writable folder>")
+    return out
+
+
+def export_checkpoint(checkpoint: str, fmt: str, out: Optional[str] = None, ema: bool = False,
+                      **onnx_options: Any) -> Dict[str, Any]:
+    """``evaluate.py checkpoint=PATH export=FORMAT``: export the checkpoint's weights (or with ``ema`` its
+    EMA's), verify the result, and summarise it. ``onnx_options``: ``export_onnx``'s opset, verify_batch, atol."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}: use export=safetensors or export=onnx")
+    out_dir = _writable_dir(Path(out) if out else default_export_dir(Path(checkpoint), ema))
+    trained = load_trained(checkpoint, ema=ema, kernel="torch")
+    summary: Dict[str, Any] = {"export": fmt, "checkpoint": str(checkpoint), "ema": bool(ema), "out": str(out_dir)}
+    if fmt == "safetensors":
+        try:
+            name, _ = timm_model_args(trained.config)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        files = export_safetensors(trained, out_dir)
+        verify_safetensors(out_dir, trained.model)
+        return {**summary, "architecture": name, "files": [str(p) for p in files.values()], "bitwise": True}
+    path, diff = export_onnx(trained, out_dir, **onnx_options)
+    return {**summary, "files": [str(path)], "max_abs_diff": diff}

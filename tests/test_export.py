@@ -1,0 +1,217 @@
+"""Trained models outside the framework: timm's hub layout (safetensors), ONNX, a detection backbone."""
+import json
+from collections import OrderedDict
+
+import numpy as np
+import onnx
+import onnxruntime
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import scsa
+from scsa.errors import UserError
+from scsa.export import (VerificationError, default_export_dir, export_checkpoint, export_onnx, export_safetensors,
+                         verify_onnx)
+from scsa.trained import TrainedModel
+
+ATTENTIONS = ("none", "se", "cbam", "eca", "ca", "ema", "scsa")
+IMAGENET_MEAN, IMAGENET_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
+
+
+def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Norm layers as training leaves them (the fresh zero-init'd last BNs would switch every residual
+    branch, and with it the attention, off): every tensor then matters to the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=generator) * 0.1)
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)
+    return model.eval()
+
+
+def make_trained(backbone: str, attention: str, classes: int = 3, image_size: int = 64,
+                 **attention_kwargs) -> TrainedModel:
+    """What ``load_trained`` returns for a run of this model (config as a checkpoint stores it)."""
+    position = scsa.attention.default_position(attention)
+    model = scsa.create_model(backbone, attention, num_classes=classes, **attention_kwargs)
+    config = {"model": {"name": backbone, "drop_rate": 0.0},
+              "attention": {"name": attention, "position": position, "kwargs": {**attention_kwargs, "kernel": "torch"}},
+              "data": {"image_size": image_size, "val_resize": image_size * 8 // 7, "mean": IMAGENET_MEAN,
+                       "std": IMAGENET_STD}}
+    return TrainedModel(trained_like(model), config, [f"class{i}" for i in range(classes)], {})
+
+
+def assert_bitwise(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert list(sa) == list(sb)
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_safetensors_round_trip_through_timm_is_bitwise(tmp_path):
+    trained = make_trained("resnet18", "scsa", classes=5, head_num=2, window_size=-1)
+    files = export_safetensors(trained, tmp_path)
+    config = json.loads(files["config"].read_text())
+    assert config["architecture"] == "resnet18_scsa" and config["num_classes"] == 5
+    assert config["label_names"] == trained.classes
+    assert config["model_args"]["head_num"] == 2 and config["model_args"]["window_size"] == -1
+    assert config["model_args"]["position"] == "mid" and "kernel" not in config["model_args"]
+    assert config["pretrained_cfg"]["input_size"] == [3, 64, 64] and config["pretrained_cfg"]["mean"] == [0.485, 0.456,
+                                                                                                            0.406]
+    # the issue's call; the exported head is kept whether num_classes is given or not
+    for extra in ({"num_classes": 5}, {}):
+        model = timm.create_model("resnet18_scsa", pretrained=True, head_num=2, window_size=-1,
+                                  pretrained_cfg_overlay=dict(file=str(files["weights"])), **extra)
+        assert_bitwise(model, trained.model)
+    hub = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()  # config.json's model_args
+    assert_bitwise(hub, trained.model)
+    assert hub.pretrained_cfg["label_names"] == trained.classes
+    assert timm.data.resolve_data_config({}, model=hub)["input_size"] == (3, 64, 64)
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(hub(images), trained.model(images))
+
+
+def test_a_new_head_is_fresh_as_timm_does_for_fine_tuning(tmp_path):
+    trained = make_trained("mobilenetv2", "eca", classes=3)
+    files = export_safetensors(trained, tmp_path)
+    model = timm.create_model("mobilenetv2_eca", pretrained=True, num_classes=7,
+                              pretrained_cfg_overlay=dict(file=str(files["weights"])))
+    want = trained.model.state_dict()
+    got = model.state_dict()
+    assert all(torch.equal(got[k], want[k]) for k in want if not k.startswith("fc."))
+    assert got["fc.weight"].shape == (7, 1280)
+
+
+def test_a_resnet_without_attention_exports_as_timms_own(tmp_path):
+    trained = make_trained("resnet18", "none")
+    files = export_safetensors(trained, tmp_path)
+    assert json.loads(files["config"].read_text())["architecture"] == "resnet18"
+    # timm's own cfg says 1000 classes: the overlay names the file's, or timm starts a fresh head
+    model = timm.create_model("resnet18", pretrained=True, num_classes=3,
+                              pretrained_cfg_overlay=dict(file=str(files["weights"]), num_classes=3))
+    assert_bitwise(model, trained.model)
+    assert_bitwise(timm.create_model(f"local-dir:{tmp_path}", pretrained=True), trained.model)
+    with pytest.raises(ValueError, match="mobilenetv2 without attention has no timm architecture"):
+        export_safetensors(make_trained("mobilenetv2", "none"), tmp_path)
+
+
+def test_bad_format_and_unwritable_folder_name_the_fix(tmp_path):
+    with pytest.raises(UserError, match="unknown export format 'tflite': use export=safetensors or export=onnx"):
+        export_checkpoint(str(tmp_path / "best.pt"), "tflite")
+    file = tmp_path / "file"
+    file.write_text("")
+    checkpoint = tmp_path / "best.pt"
+    torch.save({"config": make_trained("resnet18", "se").config, "model": {}, "classes": ["a"]}, checkpoint)
+    with pytest.raises(UserError, match="cannot create the export folder .* pass export.out=<a writable folder>"):
+        export_checkpoint(str(checkpoint), "safetensors", out=str(file / "sub"))
+    assert default_export_dir(checkpoint, ema=True) == tmp_path / "best_ema_export"
+
+
+def run_onnx(path, images: torch.Tensor) -> np.ndarray:
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {"images": images.numpy()})[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attention", ATTENTIONS)
+def test_onnx_matches_pytorch_for_every_attention(tmp_path, attention):
+    trained = make_trained("resnet18", attention, classes=10, image_size=64)
+    path, diff = export_onnx(trained, tmp_path)
+    assert diff <= 1e-4
+    batch = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
+    assert batch.dim_param and not batch.dim_value  # a dynamic batch axis
+    for n in (1, 5):
+        images = torch.randn(n, 3, 64, 64)
+        with torch.no_grad():
+            want = trained.model(images).numpy()
+        assert np.abs(want).max() > 0.1  # logits large enough for 1e-4 to mean something
+        np.testing.assert_allclose(run_onnx(path, images), want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_onnx_verification_fails_loudly_on_a_wrong_export(tmp_path):
+    trained = make_trained("resnet18", "eca", image_size=32)
+    path, _ = export_onnx(trained, tmp_path)
+    trained_like(trained.model, seed=1)  # PyTorch's weights move on: the file no longer matches them
+    with pytest.raises(VerificationError, match="differs from PyTorch's outputs by up to .* do not deploy it"):
+        verify_onnx(path, trained.model, torch.randn(2, 3, 32, 32))
+
+
+class TimmFPN(nn.Module):
+    """torchvision's FPN over a timm ``features_only`` backbone: what torchvision's detectors take."""
+
+    def __init__(self, name: str, out_channels: int = 64):
+        super().__init__()
+        from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
+        self.body = timm.create_model(name, features_only=True, out_indices=(1, 2, 3, 4))
+        self.fpn = FeaturePyramidNetwork(self.body.feature_info.channels(), out_channels, LastLevelMaxPool())
+        self.out_channels = out_channels
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        return self.fpn(OrderedDict((str(i), f) for i, f in enumerate(self.body(x))))
+
+
+@pytest.mark.slow
+def test_faster_rcnn_on_a_resnet50_scsa_feature_backbone_trains_on_cpu():
+    from torchvision.models.detection import FasterRCNN
+    torch.manual_seed(0)
+    backbone = TimmFPN("resnet50_scsa")
+    trained_like(backbone.body)  # as an ImageNet checkpoint would be: the residual branches (and attention) on
+    detector = FasterRCNN(backbone, num_classes=3, min_size=96, max_size=96,
+                          rpn_batch_size_per_image=32, box_batch_size_per_image=32)
+    images = [torch.rand(3, 96, 80), torch.rand(3, 72, 96)]
+    targets = []
+    for _ in images:
+        corners = torch.rand(2, 2, 2) * 60
+        boxes = torch.cat([corners.min(1).values, corners.max(1).values + 8], 1)  # x1 y1 x2 y2, non-empty
+        targets.append({"boxes": boxes, "labels": torch.randint(1, 3, (2,))})
+    losses = detector.train()(images, targets)
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    sum(losses.values()).backward()
+    attention_grads = [p.grad for n, p in detector.named_parameters() if ".attn." in n]
+    assert attention_grads and all(g is not None and torch.isfinite(g).all() for g in attention_grads)
+    assert any(g.abs().sum() > 0 for g in attention_grads)
+    with torch.no_grad():
+        detections = detector.eval()(images)
+    assert len(detections) == 2 and detections[0]["boxes"].shape[1] == 4
+
+
+@pytest.mark.slow
+def test_evaluate_exports_a_trained_checkpoint(tmp_path, subset, run_cli):
+    """train.py, then evaluate.py export=... on its checkpoint (SCSA's export: the tests above)."""
+    run_dir = tmp_path / "run"
+    trained = run_cli(["train.py", "model=resnet18", "attention=eca", f"data.root={subset(4, 2, classes=3)}",
+                       "data.image_size=32", "data.val_resize=32", "data.batch_size=4", "data.workers=0",
+                       "data.loader=torch", "trainer.epochs=1", "trainer.model_ema=true", "wandb.mode=disabled",
+                       f"hydra.run.dir={run_dir}"])
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    checkpoint_path = run_dir / "checkpoints" / "last.pt"
+    checkpoint = torch.load(checkpoint_path, weights_only=True)
+
+    def export(*overrides):
+        return run_cli(["evaluate.py", f"checkpoint={checkpoint_path}", *overrides,
+                        f"hydra.run.dir={tmp_path / 'evaluate'}"])
+
+    result = export("export=safetensors", "ema=true", f"export.out={tmp_path / 'ema'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1])["out"] == str(tmp_path / "ema")
+    model = timm.create_model("resnet18_eca", pretrained=True,
+                              pretrained_cfg_overlay=dict(file=str(tmp_path / "ema" / "model.safetensors")))
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in checkpoint["model_ema"].items())
+    assert not torch.equal(checkpoint["model"]["fc.weight"], checkpoint["model_ema"]["fc.weight"])
+
+    result = export("export=onnx")
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["files"] == [str(run_dir / "checkpoints" / "last_export" / "model.onnx")]
+    assert report["max_abs_diff"] <= 1e-4 and "max abs difference" in result.stdout
+
+    result = export("export=onnx", f"export.out={checkpoint_path}/sub")  # under a file
+    assert result.returncode == 2 and "cannot create the export folder" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
