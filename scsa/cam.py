@@ -3,16 +3,17 @@
 ``python evaluate.py cam=SWEEP_DIR images=8`` draws one grid: the same val images as rows,
 one column per model, each cell the map over the image with the predicted class and its
 probability. For a sweep a column is a group of runs that differ only by seed
-(``scsa.runs``), drawn from its lowest seed's ``best.pt``: seeds of one recipe look alike,
-and one column per recipe keeps seven attentions readable; ``cam.checkpoints=[...]``
-names the checkpoints (one column each) instead.
+(``scsa.runs``), drawn from its lowest seed's ``best.pt``: one column per recipe keeps seven
+attentions readable, and the lowest seed pairs the columns by seed; ``cam.checkpoints=[...]``
+names the checkpoints (one column each) instead, e.g. every seed of one attention.
 
 Grad-CAM is ``pytorch_grad_cam``'s (the ``grad-cam`` package), for the predicted class, at
 the last stage unless ``cam.layer`` names another module. With ``cam.gate=true`` a cell shows
 the spatial gate the attention module applies at one block instead: SCSA's a_h ⊗ a_w, CBAM's
 spatial map, CA's a_h ⊗ a_w, EMA's cross-spatial weights (mean over channels or groups).
 The gate is recomputed from the module's input (a forward pre-hook) and its public
-submodules, the same way whichever kernel (Triton or eager) ran the forward.
+submodules, so it reads the same whichever kernel (Triton or eager) runs the module. Models
+run on the CPU with the eager kernels (``kernel="torch"``): eight images need no GPU.
 """
 import logging
 import textwrap
