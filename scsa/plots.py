@@ -64,7 +64,8 @@ def plot_curves(metrics_jsonl: Path, out_png: Path) -> None:
 def plot_comparison(rows: List[Dict[str, Any]], out_png: Path) -> None:
     """Best and final val top-1 of each group: mean over its seeds, error bars one sample std.
 
-    Each bar is labelled with its mean and n; a group with one run has no error bar.
+    Each bar is labelled with its mean (inside, clear of the error bar), each group with its n;
+    a group with one run has no error bar.
     """
     labels = [row["label"].replace(f"{row['model']} + ", "") if len({r["model"] for r in rows}) == 1
               else row["label"] for row in rows]
@@ -74,15 +75,15 @@ def plot_comparison(rows: List[Dict[str, Any]], out_png: Path) -> None:
     for offset, (name, legend) in zip((-width / 2, width / 2), (("best_top1", "best"), ("final_top1", "final"))):
         xs = [i + offset for i in range(len(rows))]
         means = [row[f"{name}_mean"] for row in rows]
-        errors = [row[f"{name}_std"] or 0.0 for row in rows]
+        errors = [row[f"{name}_std"] if row[f"{name}_std"] is not None else float("nan") for row in rows]  # nan: none
         bars = ax.bar(xs, means, width, yerr=errors, capsize=4, label=f"{legend} val top-1")
-        ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], padding=2, fontsize=8)
+        ax.bar_label(bars, labels=[f"{m:.1f}" for m in means], label_type="center", color="white", fontsize=8)
     low = min(row[f"{name}_mean"] - (row[f"{name}_std"] or 0.0) for row in rows for name in ("best_top1", "final_top1"))
     ax.set_ylim(max(0.0, low - 5.0), None)  # bars of 80-85 % all look alike from 0
     tilt = len(rows) > 4  # level labels would overlap
     ax.set_xticks(range(len(rows)), [f"{label}\n(n={row['n']})" for label, row in zip(labels, rows)],
                   rotation=30 if tilt else 0, ha="right" if tilt else "center")
     ax.set_ylabel("val top-1 (%), mean ± std over seeds")
-    ax.legend(loc="lower right")
+    fig.legend(loc="outside upper center", ncols=2)
     ax.grid(axis="y", alpha=0.3)
     fig.savefig(out_png, dpi=100)
