@@ -8,6 +8,8 @@ synthetic batches of data.batch_size). Only the data's ``val/`` folder is read.
 writes comparison.{md,csv,tex,png} into that folder (``scsa.compare``), then prints the table.
 ``python evaluate.py cam=MULTIRUN_DIR images=8`` draws Grad-CAM maps (``cam.gate=true``: the
 modules' spatial gates) of the val images for each group's model into DIR/cam.png (``scsa.cam``).
+``python evaluate.py checkpoint=PATH export=safetensors|onnx [export.out=DIR]`` writes the model in
+timm's hub layout or as ONNX, checks it, and prints a JSON summary as its last line (``scsa.export``).
 """
 import json
 import sys

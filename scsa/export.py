@@ -4,7 +4,9 @@
   them (architecture, num_classes, label_names, the attention kwargs as ``model_args``, and a
   ``pretrained_cfg`` with the run's preprocessing), loadable by
   ``timm.create_model("local-dir:<folder>")`` or ``timm.create_model("<architecture>",
-  pretrained=True, pretrained_cfg_overlay=dict(file=".../model.safetensors"))``.
+  pretrained=True, pretrained_cfg_overlay=dict(file=".../model.safetensors"))``. The
+  architecture is ``<backbone>_<attention>`` (``scsa.models.registry``), or without attention
+  timm's own backbone.
 - ``onnx``: ``model.onnx`` (input ``images``, output ``logits``, a dynamic batch axis) through
   torch's dynamo exporter, then checked against PyTorch with onnxruntime on the CPU.
 """
@@ -29,6 +31,7 @@ __all__ = ["FORMATS", "VerificationError", "default_export_dir", "export_checkpo
 FORMATS = ("safetensors", "onnx")
 ONNX_INPUT, ONNX_OUTPUT = "images", "logits"
 RUNTIME_KWARGS = ("kernel",)  # where a model runs is the loader's choice, not part of the architecture
+TIMM_PLAIN = {"mobilenetv2": "mobilenetv2_100"}  # timm's names for the backbones without attention
 
 
 class VerificationError(RuntimeError):
@@ -57,17 +60,24 @@ def default_export_dir(checkpoint: Path, ema: bool = False) -> Path:
 def timm_model_args(config: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
     """The timm architecture of a run's model and the arguments that rebuild it.
 
-    Without attention a ResNet is timm's own (same modules, same state_dict names); MobileNetV2's
-    module layout is this project's, so it has no timm name without attention.
+    Without attention the backbone is timm's own: the same modules in the same order (MobileNetV2's
+    are named differently, see ``_renamed``).
     """
     backbone, attention = config["model"]["name"], config["attention"]["name"]
-    if attention != "none":
-        kwargs = {k: v for k, v in config["attention"]["kwargs"].items() if k not in RUNTIME_KWARGS}
-        return timm_name(backbone, attention), {"position": config["attention"]["position"], **kwargs}
-    if backbone.startswith("resnet"):
-        return backbone, {}
-    raise ValueError(f"{backbone} without attention has no timm architecture with this module layout: "
-                     f"export it with export=onnx, or train it with an attention")
+    if attention == "none":
+        return TIMM_PLAIN.get(backbone, backbone), {}
+    kwargs = {k: v for k, v in config["attention"]["kwargs"].items() if k not in RUNTIME_KWARGS}
+    return timm_name(backbone, attention), {"position": config["attention"]["position"], **kwargs}
+
+
+def _renamed(state: Dict[str, torch.Tensor], names: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``state``'s tensors under the names of ``names``, tensor by tensor in module order."""
+    if list(state) == list(names):
+        return state
+    shapes = [tuple(t.shape) for t in state.values()], [tuple(t.shape) for t in names.values()]
+    if shapes[0] != shapes[1]:
+        raise ValueError("the timm architecture's tensors differ from the model's: it is not the same network")
+    return dict(zip(names, state.values()))
 
 
 def _data_config(data: Dict[str, Any]) -> Dict[str, Any]:
@@ -82,7 +92,7 @@ def export_safetensors(trained: TrainedModel, out: Path) -> Dict[str, Path]:
     """Write ``model.safetensors`` and ``config.json`` into ``out`` (timm's hub layout)."""
     name, model_args = timm_model_args(trained.config)
     model = timm.create_model(name, num_classes=len(trained.classes), **model_args)
-    model.load_state_dict(trained.model.state_dict())  # strict: the timm name builds the same modules
+    model.load_state_dict(_renamed(trained.model.state_dict(), model.state_dict()))  # strict
     timm.models.save_for_hf(model, out, model_config=dict(label_names=list(trained.classes)),
                             data_config=_data_config(trained.config["data"]), safe_serialization=True)
     return {"weights": out / "model.safetensors", "config": out / "config.json"}
@@ -91,20 +101,20 @@ def export_safetensors(trained: TrainedModel, out: Path) -> Dict[str, Path]:
 def verify_safetensors(out: Path, model: nn.Module) -> None:
     """Load ``out`` the way a timm user does and check every tensor is ``model``'s, bit for bit."""
     with _quiet("timm"):
-        loaded = timm.create_model(f"local-dir:{out}", pretrained=True).state_dict()
-    want = model.state_dict()
-    differ = [k for k, v in want.items() if k not in loaded or not torch.equal(loaded[k], v)]
-    if differ or set(loaded) != set(want):
-        raise VerificationError(f"timm.create_model('local-dir:{out}') does not give back the exported weights "
-                                f"({len(differ)} tensors differ, e.g. {differ[:3]}): the export is wrong")
+        loaded = list(timm.create_model(f"local-dir:{out}", pretrained=True).state_dict().values())
+    want = list(model.state_dict().values())
+    if len(loaded) != len(want) or not all(torch.equal(a, b) for a, b in zip(loaded, want)):
+        raise VerificationError(f"timm.create_model('local-dir:{out}', pretrained=True) does not give back the "
+                                f"exported weights: the export is wrong")
 
 
 def export_onnx(trained: TrainedModel, out: Path, opset: int = 18, verify_batch: int = 4,
                 atol: float = 1e-4) -> Tuple[Path, float]:
     """Write ``out/model.onnx`` and verify it (``verify_onnx``); return its path and the max abs difference.
 
-    torch's dynamo exporter traces through ``torch.export``, under which every attention module
-    takes its plain-op path (``scsa.attention.kernels.exporting``), never a custom kernel.
+    torch's dynamo exporter traces through ``torch.export``, under which ``torch.compiler.is_compiling()``
+    and ``scsa.attention.kernels.exporting()`` hold: every attention module takes its plain-op path,
+    never a custom autograd Function or kernel.
     """
     size = int(trained.config["data"]["image_size"])
     path = out / "model.onnx"
@@ -121,7 +131,7 @@ def export_onnx(trained: TrainedModel, out: Path, opset: int = 18, verify_batch:
 def verify_onnx(path: Path, model: nn.Module, images: torch.Tensor, atol: float = 1e-4) -> float:
     """Max abs difference between onnxruntime's (CPU) and ``model``'s eval outputs on ``images``;
     a ``VerificationError`` above ``atol``."""
-    import onnxruntime  # deployment-only dependency: imported when asked for
+    import onnxruntime  # imported when asked for: most commands never run it
 
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = session.run([ONNX_OUTPUT], {ONNX_INPUT: images.numpy()})[0]
@@ -155,10 +165,7 @@ def export_checkpoint(checkpoint: str, fmt: str, out: Optional[str] = None, ema:
     trained = load_trained(checkpoint, ema=ema, kernel="torch")
     summary: Dict[str, Any] = {"export": fmt, "checkpoint": str(checkpoint), "ema": bool(ema), "out": str(out_dir)}
     if fmt == "safetensors":
-        try:
-            name, _ = timm_model_args(trained.config)
-        except ValueError as e:
-            raise UserError(str(e)) from None
+        name, _ = timm_model_args(trained.config)
         files = export_safetensors(trained, out_dir)
         verify_safetensors(out_dir, trained.model)
         return {**summary, "architecture": name, "files": [str(p) for p in files.values()], "bitwise": True}

@@ -13,7 +13,7 @@ import torch.nn as nn
 import scsa
 from scsa.errors import UserError
 from scsa.export import (VerificationError, default_export_dir, export_checkpoint, export_onnx, export_safetensors,
-                         verify_onnx)
+                         verify_onnx, verify_safetensors)
 from scsa.trained import TrainedModel
 
 ATTENTIONS = ("none", "se", "cbam", "eca", "ca", "ema", "scsa")
@@ -97,8 +97,17 @@ def test_a_resnet_without_attention_exports_as_timms_own(tmp_path):
                               pretrained_cfg_overlay=dict(file=str(files["weights"]), num_classes=3))
     assert_bitwise(model, trained.model)
     assert_bitwise(timm.create_model(f"local-dir:{tmp_path}", pretrained=True), trained.model)
-    with pytest.raises(ValueError, match="mobilenetv2 without attention has no timm architecture"):
-        export_safetensors(make_trained("mobilenetv2", "none"), tmp_path)
+
+
+def test_a_mobilenetv2_without_attention_exports_as_timms_own_under_its_names(tmp_path):
+    trained = make_trained("mobilenetv2", "none")
+    export_safetensors(trained, tmp_path)
+    verify_safetensors(tmp_path, trained.model)  # tensor by tensor, in module order
+    model = timm.create_model(f"local-dir:{tmp_path}", pretrained=True).eval()
+    assert model.pretrained_cfg["architecture"] == "mobilenetv2_100" and "conv_stem.weight" in model.state_dict()
+    images = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(images), trained.model(images), rtol=0, atol=1e-6)
 
 
 def test_bad_format_and_unwritable_folder_name_the_fix(tmp_path):
