@@ -16,7 +16,8 @@ from PIL import Image
 from scipy import stats as scipy_stats
 
 from scsa import stats
-from scsa.cam import CELL_INCHES, DPI, gate_of, last_attention_block, last_stage, spatial_gate
+from scsa.cam import (CELL_INCHES, DPI, checkpoint_columns, gate_of, last_attention_block, last_stage,
+                      spatial_gate, write_cam)
 from scsa.cli import expand_shorthands
 from scsa.compare import CSV_FIELDS, comparison_rows, write_comparison
 from scsa.runs import baseline, find_runs, group_runs, recipe
@@ -299,10 +300,11 @@ def test_two_attentions_two_seeds_sweep_then_compare_and_cam(tmp_path, tiny_data
     with Image.open(sweep / "cam.png") as grid:  # two columns: as wide as the runs' groups
         assert grid.width == round(2 * CELL_INCHES * DPI)
 
+    # listed checkpoints, one column each; in this process (a third command start costs more than the drawing)
     gates = tmp_path / "gates.png"
-    drawn = run_cli(["evaluate.py", f"cam.checkpoints=[{run_dirs[2] / 'checkpoints' / 'best.pt'}]", "cam.gate=true",
-                     "cam.block=layer1.0", f"cam.out={gates}", "images=2"])
-    assert drawn.returncode == 0, drawn.stderr[-3000:]
-    assert json.loads(drawn.stdout.strip().splitlines()[-1])["shows"] == ["spatial gate at layer1.0 (8x8)"]
+    summary = write_cam(checkpoint_columns([str(run_dirs[2] / "checkpoints" / "best.pt")]), gates, images=2,
+                        gate=True, block="layer1.0")
+    assert summary["columns"] == ["2_resnet18_scsa_seed0/best"]
+    assert summary["shows"] == ["spatial gate at layer1.0 (8x8)"]
     with Image.open(gates) as grid:  # one checkpoint, one column
         assert grid.width == round(CELL_INCHES * DPI)
