@@ -72,9 +72,7 @@ def test_safetensors_round_trip_through_timm_is_bitwise(tmp_path):
     assert_bitwise(hub, trained.model)
     assert hub.pretrained_cfg["label_names"] == trained.classes
     assert timm.data.resolve_data_config({}, model=hub)["input_size"] == (3, 64, 64)
-    images = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert torch.equal(hub(images), trained.model(images))
+    assert repr(hub) == repr(trained.model)  # the modules' settings too (window_size=-1 has no tensor)
 
 
 def test_a_new_head_is_fresh_as_timm_does_for_fine_tuning(tmp_path):
