@@ -73,6 +73,8 @@ def test_safetensors_round_trip_through_timm_is_bitwise(tmp_path):
     assert hub.pretrained_cfg["label_names"] == trained.classes
     assert timm.data.resolve_data_config({}, model=hub)["input_size"] == (3, 64, 64)
     assert repr(hub) == repr(trained.model)  # the modules' settings too (window_size=-1 has no tensor)
+    backbone = timm.create_model(f"local-dir:{tmp_path}", pretrained=True, features_only=True)  # for detection
+    assert all(torch.equal(v, trained.model.state_dict()[k]) for k, v in backbone.state_dict().items())
 
 
 def test_a_new_head_is_fresh_as_timm_does_for_fine_tuning(tmp_path):
