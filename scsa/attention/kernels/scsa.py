@@ -36,42 +36,47 @@ def _pow2(n: int) -> int:
 
 
 class _Plan(NamedTuple):
-    """Shapes and block sizes of one call, from the map's shape and the module's options."""
+    """Shapes and block sizes of one call, from the map's shape and layout and the module's options."""
     hp: int
     wp: int
-    bc: int  # map kernels: channels per program
-    bj: int  # ... windows per row tile
-    bu: int  # ... columns per window (padded)
-    n_cb: int
-    band_win: int  # window rows per program
-    n_band: int
-    bg: int  # strip kernels: channels per step
+    tiles: Dict[str, int]  # map kernels: channels, rows, windows, offsets per tile (BC, BR, BJ, BU)
+    n_cb: int  # ... channel blocks
+    band_win: int  # ... window rows per program
+    n_band: int  # ... programs along H
+    bg: int  # strip kernels: channels of each group per step
     bl: int  # ... strip positions (padded)
     kp: int  # ... conv taps (padded)
-    bi: int  # channel kernels: attention rows per block
-    bjc: int  # ... attention columns per block
+    bi: int  # channel kernels: attention rows (and columns) per block
     bn: int  # ... pooled tokens (padded)
     block: int  # ... flat block
 
 
-def _plan(shape: Sequence[int], window: Sequence[int], heads: int, ksizes: Sequence[int]) -> _Plan:
-    b, c, h, w = shape
+def _plan(x: Tensor, window: Sequence[int], heads: int, ksizes: Sequence[int]) -> _Plan:
+    b, c, h, w = x.shape
     wh, ww = window
-    # the interpreter runs each tile op once per program in NumPy: bigger tiles, fewer programs
-    budget = 1 << 14 if interpreting() else 1 << 11
-    bu, bj = _pow2(ww), _pow2(triton.cdiv(w, ww))
-    bc = min(_pow2(c), max(1, budget // (bj * bu)))
-    band_win = max(1, 8 // wh)  # at least ~8 map rows per program
-    bl, kp = _pow2(max(h, w)), _pow2(max(ksizes))
-    bg = min(_pow2(c // 4), max(1, 2 * budget // (bl * kp)))
     hp, wp = h // wh, w // ww
-    bn = _pow2(hp * wp)
-    side = 1
-    while side * side * 4 * bn <= budget:  # (rows, columns, tokens) blocks of about budget elements
-        side *= 2
-    bi = min(_pow2(c // heads), side)
-    return _Plan(hp, wp, bc, bj, bu, triton.cdiv(c, bc), band_win, triton.cdiv(triton.cdiv(h, wh), band_win),
-                 bg, bl, kp, bi, bi, bn, min(1024, _pow2(c * hp * wp)))
+    bu, bj = _pow2(ww), _pow2(triton.cdiv(w, ww))
+    n_win = triton.cdiv(h, wh)
+    if interpreting():  # the interpreter pays per op and per program, not per element: few, big tiles
+        budget = 1 << 16
+        br = _pow2(wh)
+        bc = min(_pow2(c), max(1, budget // (br * bj * bu)))
+        band_win = n_win
+    else:
+        budget = 1 << 12
+        if x.stride(1) == 1 and c > 1:  # channels_last: channels are the contiguous axis, take many
+            bc = min(_pow2(c), 64, max(1, budget // (bj * bu)))
+            br = min(_pow2(wh), max(1, budget // (bc * bj * bu)))
+        else:
+            br = min(_pow2(wh), 8)
+            bc = min(_pow2(c), max(1, budget // (br * bj * bu)))
+        band_win = max(1, 8 // wh)  # at least ~8 map rows per program
+    bl, kp = _pow2(max(h, w)), _pow2(max(ksizes))
+    bg = min(_pow2(c // 4), max(1, 2 * budget // (4 * bl * kp)))  # (4 * bg, bl, kp) conv tiles, 8 warps
+    bn = max(16, _pow2(hp * wp))  # tl.dot needs blocks of 16 or more
+    bi = max(16, min(64, _pow2(c // heads), budget // bn))
+    return _Plan(hp, wp, dict(BC=bc, BR=br, BJ=bj, BU=bu), triton.cdiv(c, bc), band_win,
+                 triton.cdiv(n_win, band_win), bg, bl, kp, bi, bn, min(1024, _pow2(c * hp * wp)))
 
 
 def _columns(c: int, ksizes: Sequence[int], qkv_bias: bool) -> Dict[str, int]:
@@ -91,25 +96,29 @@ def _forward_impl(x: Tensor, w0: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, b0:
                   b3: Tensor, gnh_w: Tensor, gnh_b: Tensor, gnw_w: Tensor, gnw_b: Tensor, gn_w: Tensor, gn_b: Tensor,
                   wq: Tensor, wk: Tensor, wv: Tensor, bq: Optional[Tensor], bk: Optional[Tensor],
                   bv: Optional[Tensor], seed: Optional[Tensor], window: List[int], heads: int, max_pool: bool,
-                  softmax: bool, p_drop: float) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                  softmax: bool, p_drop: float
+                  ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     bsz, c, h, w = x.shape
     wh, ww = window
     ks = [t.shape[-1] for t in (w0, w1, w2, w3)]
-    pl = _plan(x.shape, window, heads, ks)
+    pl = _plan(x, window, heads, ks)
     f32 = dict(device=x.device, dtype=torch.float32)
     s = torch.empty(bsz, c, h + w, **f32)
     colp = torch.empty(bsz, pl.n_band, c, w, **f32)
     a = torch.empty(bsz, c, h + w, **f32)
+    xhat = torch.empty(bsz, c, h + w, **f32)
+    rstd = torch.empty(bsz, 2, 4, **f32)
     y = torch.empty(bsz, c, pl.hp, pl.wp, **f32)
     idx = torch.empty(bsz, c, pl.hp, pl.wp, device=x.device, dtype=torch.int32) if max_pool else y.new_empty(0)
     a_c = torch.empty(bsz, c, **f32)
     stats = torch.empty(bsz, 2, c, **f32)
     out = torch.empty_like(x)
     grid = (bsz * pl.n_cb, pl.n_band)
-    tiles = dict(BC=pl.bc, BJ=pl.bj, BU=pl.bu)
+    tiles = pl.tiles
     strip_sums_kernel[grid](x, *x.stride(), s, colp, c, h, w, wh, ww, pl.band_win, pl.n_cb, **tiles)
-    strip_gates_kernel[(bsz, 4)](s, colp, a, c, h, w, pl.n_band, w0, w1, w2, w3, b0, b1, b2, b3, *ks,
-                                 gnh_w, gnh_b, gnw_w, gnw_b, _GN_EPS, SOFTMAX=softmax, BG=pl.bg, BL=pl.bl, KP=pl.kp)
+    strip_gates_kernel[(bsz,)](s, colp, a, xhat, rstd, c, h, w, pl.n_band, w0, w1, w2, w3, b0, b1, b2, b3, *ks,
+                                 gnh_w, gnh_b, gnw_w, gnw_b, _GN_EPS, SOFTMAX=softmax, BG=pl.bg, BL=pl.bl, KP=pl.kp,
+                                 num_warps=8)
     pool_kernel[grid](x, *x.stride(), a, y, idx if max_pool else y, c, h, w, wh, ww, pl.hp, pl.wp, pl.band_win,
                       pl.n_cb, MAX=max_pool, **tiles)
     d = c // heads
@@ -117,23 +126,22 @@ def _forward_impl(x: Tensor, w0: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, b0:
     channel_gates_kernel[(bsz,)](y, a_c, stats, c, pl.hp * pl.wp, heads, d, d ** -0.5, _GN_EPS, gn_w, gn_b,
                                  wq, wk, wv, bq if has_bias else wq, bk if has_bias else wk, bv if has_bias else wv,
                                  seed if seed is not None else a_c, p_drop, HAS_BIAS=has_bias,
-                                 DROP=seed is not None, SOFTMAX=softmax, BI=pl.bi, BJ=pl.bjc, BN=pl.bn,
+                                 DROP=seed is not None, SOFTMAX=softmax, BI=pl.bi, BJ=pl.bi, BN=pl.bn,
                                  BLOCK=pl.block)
     gate_out_kernel[grid](x, *x.stride(), out, *out.stride(), a, a_c, c, h, w, wh, ww, pl.band_win, pl.n_cb,
                           **tiles)
-    return out, s, a, y, idx, a_c, stats
+    return out, s, a, xhat, rstd, y, idx, a_c, stats
 
 
-def _backward_impl(g: Tensor, x: Tensor, s: Tensor, a: Tensor, y: Tensor, idx: Tensor, a_c: Tensor, stats: Tensor,
-                   w0: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, b0: Tensor, b1: Tensor, b2: Tensor, b3: Tensor,
-                   gnh_w: Tensor, gnw_w: Tensor, gn_w: Tensor, gn_b: Tensor, wq: Tensor, wk: Tensor, wv: Tensor,
+def _backward_impl(g: Tensor, x: Tensor, s: Tensor, a: Tensor, xhat: Tensor, rstd: Tensor, y: Tensor, idx: Tensor,
+                   a_c: Tensor, stats: Tensor, w0: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, gnh_w: Tensor, gnw_w: Tensor, gn_w: Tensor, gn_b: Tensor, wq: Tensor, wk: Tensor, wv: Tensor,
                    bq: Optional[Tensor], bk: Optional[Tensor], bv: Optional[Tensor], seed: Optional[Tensor],
                    window: List[int], heads: int, max_pool: bool, softmax: bool, p_drop: float,
                    need_dx: bool) -> Tuple[Tensor, Tensor]:
     bsz, c, h, w = x.shape
     wh, ww = window
     ks = [t.shape[-1] for t in (w0, w1, w2, w3)]
-    pl = _plan(x.shape, window, heads, ks)
+    pl = _plan(x, window, heads, ks)
     n = pl.hp * pl.wp
     has_bias = bq is not None
     cols = _columns(c, ks, has_bias)
@@ -143,7 +151,7 @@ def _backward_impl(g: Tensor, x: Tensor, s: Tensor, a: Tensor, y: Tensor, idx: T
     rows = y if max_pool else torch.empty(bsz, c, pl.hp * wh, pl.wp, **f32)
     wcols = y if max_pool else torch.empty(bsz, c, pl.hp, pl.wp * ww, **f32)
     grid = (bsz * pl.n_cb, pl.n_band)
-    tiles = dict(BC=pl.bc, BJ=pl.bj, BU=pl.bu)
+    tiles = pl.tiles
     grad_sums_kernel[grid](g, *g.stride(), x, *x.stride(), a, ph, pwp, rows, wcols, c, h, w, wh, ww, pl.hp, pl.wp,
                            pl.band_win, pl.n_cb, MAX=max_pool, **tiles)
     pg = torch.empty(bsz, cols["P"], **f32)
@@ -154,13 +162,14 @@ def _backward_impl(g: Tensor, x: Tensor, s: Tensor, a: Tensor, y: Tensor, idx: T
                                  gn_w, gn_b, wq, wk, wv, bq if has_bias else wq, bk if has_bias else wk,
                                  bv if has_bias else wv, seed if seed is not None else a_c, p_drop, cols["norm"],
                                  cols["qkv"], cols["qkv_b"], HAS_BIAS=has_bias, DROP=seed is not None,
-                                 SOFTMAX=softmax, BI=pl.bi, BJ=pl.bjc, BN=pl.bn, BLOCK=pl.block)
+                                 SOFTMAX=softmax, BI=pl.bi, BJ=pl.bi, BN=pl.bn, BLOCK=pl.block)
     dsx = torch.empty(bsz, c, h + w, **f32)
     strip_scratch = torch.empty(bsz, 2, c, h + w, **f32)
-    strip_grads_kernel[(bsz, 4)](s, a, a_c, ph, pwp, dy, rows, wcols, y, idx if max_pool else y, dsx, strip_scratch,
-                                 pg, cols["P"], c, h, w, wh, ww, pl.hp, pl.wp, pl.n_band, w0, w1, w2, w3,
-                                 b0, b1, b2, b3, *ks, gnh_w, gnw_w, _GN_EPS, cols["conv_b"], cols["norm_h"],
-                                 cols["norm_w"], SOFTMAX=softmax, MAX=max_pool, BG=pl.bg, BL=pl.bl, KP=pl.kp)
+    strip_grads_kernel[(bsz,)](s, a, xhat, rstd, a_c, ph, pwp, dy, rows, wcols, y, idx if max_pool else y, dsx,
+                                 strip_scratch, pg, cols["P"], c, h, w, wh, ww, pl.hp, pl.wp, pl.n_band,
+                                 w0, w1, w2, w3, *ks, gnh_w, gnw_w, cols["conv_b"], cols["norm_h"],
+                                 cols["norm_w"], SOFTMAX=softmax, MAX=max_pool, BG=pl.bg, BL=pl.bl, KP=pl.kp,
+                                 num_warps=8)
     dx = torch.empty_like(x) if need_dx else x.new_empty(0)
     if need_dx:
         grad_x_kernel[grid](g, *g.stride(), dx, *dx.stride(), a, a_c, dsx, dy, idx if max_pool else dy,
@@ -179,12 +188,13 @@ def _forward_fake(x, w0, w1, w2, w3, b0, b1, b2, b3, gnh_w, gnh_b, gnw_w, gnw_b,
     hp, wp = h // window[0], w // window[1]
     f32 = dict(device=x.device, dtype=torch.float32)
     idx = x.new_empty(bsz, c, hp, wp, dtype=torch.int32) if max_pool else x.new_empty(0, dtype=torch.float32)
-    return (torch.empty_like(x), x.new_empty(bsz, c, h + w, **f32), x.new_empty(bsz, c, h + w, **f32),
-            x.new_empty(bsz, c, hp, wp, **f32), idx, x.new_empty(bsz, c, **f32), x.new_empty(bsz, 2, c, **f32))
+    strips = [x.new_empty(bsz, c, h + w, **f32) for _ in range(3)]
+    return (torch.empty_like(x), *strips, x.new_empty(bsz, 2, 4, **f32), x.new_empty(bsz, c, hp, wp, **f32), idx,
+            x.new_empty(bsz, c, **f32), x.new_empty(bsz, 2, c, **f32))
 
 
 @_backward_op.register_fake
-def _backward_fake(g, x, s, a, y, idx, a_c, stats, w0, w1, w2, w3, b0, b1, b2, b3, gnh_w, gnw_w, gn_w, gn_b,
+def _backward_fake(g, x, s, a, xhat, rstd, y, idx, a_c, stats, w0, w1, w2, w3, gnh_w, gnw_w, gn_w, gn_b,
                    wq, wk, wv, bq, bk, bv, seed, window, heads, max_pool, softmax, p_drop, need_dx):
     cols = _columns(x.shape[1], [t.shape[-1] for t in (w0, w1, w2, w3)], bq is not None)
     return (torch.empty_like(x) if need_dx else x.new_empty(0)), x.new_empty(cols["P"], dtype=torch.float32)
@@ -195,10 +205,10 @@ _N_PARAMS = 20  # inputs after x and before seed: 8 conv, 4 strip norm, 2 norm, 
 
 def _setup_context(ctx, inputs, output) -> None:
     x, params, seed, options = inputs[0], inputs[1:1 + _N_PARAMS], inputs[1 + _N_PARAMS], inputs[2 + _N_PARAMS:]
-    _, s, a, y, idx, a_c, stats = output
-    ctx.mark_non_differentiable(s, a, y, idx, a_c, stats)
+    saved = output[1:]  # s, a, xhat, rstd, y, idx, a_c, stats
+    ctx.mark_non_differentiable(*saved)
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, s, a, y, idx, a_c, stats, seed, *params)
+    ctx.save_for_backward(x, *saved, seed, *params)
     ctx.options = options
     ctx.has_bias = params[-1] is not None
 
@@ -207,11 +217,11 @@ def _backward(ctx, dout, *_):
     n_in = 2 + _N_PARAMS + len(ctx.options)
     if dout is None:
         return (None,) * n_in
-    x, s, a, y, idx, a_c, stats, seed, *params = ctx.saved_tensors
+    x, s, a, xhat, rstd, y, idx, a_c, stats, seed, *params = ctx.saved_tensors
     w0, w1, w2, w3, b0, b1, b2, b3, gnh_w, gnh_b, gnw_w, gnw_b, gn_w, gn_b, wq, wk, wv, bq, bk, bv = params
     need_dx = ctx.needs_input_grad[0]
-    dx, flat = _backward_op(dout, x, s, a, y, idx, a_c, stats, w0, w1, w2, w3, b0, b1, b2, b3, gnh_w, gnw_w,
-                            gn_w, gn_b, wq, wk, wv, bq, bk, bv, seed, *ctx.options, need_dx)
+    dx, flat = _backward_op(dout, x, s, a, xhat, rstd, y, idx, a_c, stats, w0, w1, w2, w3, gnh_w, gnw_w, gn_w,
+                            gn_b, wq, wk, wv, bq, bk, bv, seed, *ctx.options, need_dx)
     c = x.shape[1]
     g = c // 4
     cols = _columns(c, [t.shape[-1] for t in (w0, w1, w2, w3)], ctx.has_bias)

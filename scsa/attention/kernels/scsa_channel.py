@@ -4,7 +4,8 @@ kernel each way, one program per sample.
 The tokens are the pooled map's N positions; per head, the d x d attention runs in blocks of
 rows and columns with an online softmax, as flash attention does, and uses
 ``mean_N(A @ v) = A @ mean_N(v)``: only one value per channel is attended. The products over
-the N tokens are broadcast multiplies reduced in fp32 (``tl.dot`` would round to tf32).
+the N tokens are ``tl.dot`` in full fp32 (``input_precision="ieee"``, not tf32), on blocks of at
+least 16 (tl.dot's minimum; padding is zeros).
 
 Attention dropout draws its keep mask from Triton's Philox generator, keyed by ``seed`` and the
 element's index in the (B, heads, d, d) matrix: nothing is stored, the backward redraws it,
@@ -20,12 +21,12 @@ def _gn_stats(y, b, M, eps, BLOCK: tl.constexpr):
     offs = tl.arange(0, BLOCK)
     total = 0.0
     for o in range(0, M, BLOCK):
-        total += tl.sum(tl.load(y + b * M + o + offs, mask=o + offs < M, other=0.0), 0)
+        total += tl.sum(tl.load(y + b * M + o + offs, mask=o + offs < M, other=0.0))
     mean = total / M
     sq = 0.0
     for o in range(0, M, BLOCK):
         d = tl.where(o + offs < M, tl.load(y + b * M + o + offs, mask=o + offs < M, other=0.0) - mean, 0.0)
-        sq += tl.sum(d * d, 0)
+        sq += tl.sum(d * d)
     return mean, 1.0 / tl.sqrt(sq / M + eps)
 
 
@@ -104,8 +105,8 @@ def channel_gates_kernel(y, a_c, stats, C, N, heads, d, scale, eps, gn_w, gn_b, 
             yn_i, ynn_i, mi = _tokens(y, b, C, N, ci, im, mean, rstd, gn_w, gn_b, BN)
             q = _scale(ynn_i, mi, ci, im, wq, bq, HAS_BIAS)
             m_run = tl.full([BI], float("-inf"), tl.float32)
-            l_run = tl.zeros([BI], dtype=tl.float32)
-            o_run = tl.zeros([BI], dtype=tl.float32)
+            l_run = tl.full([BI], 0.0, tl.float32)
+            o_run = tl.full([BI], 0.0, tl.float32)
             for j0 in range(0, d, BJ):
                 jj = j0 + tl.arange(0, BJ)
                 jm = jj < d
@@ -113,7 +114,7 @@ def channel_gates_kernel(y, a_c, stats, C, N, heads, d, scale, eps, gn_w, gn_b, 
                 yn_j, ynn_j, mj = _tokens(y, b, C, N, cj, jm, mean, rstd, gn_w, gn_b, BN)
                 k = _scale(ynn_j, mj, cj, jm, wk, bk, HAS_BIAS)
                 vbar = _value_mean(ynn_j, N, cj, jm, wv, bv, HAS_BIAS)
-                sc = tl.where(jm[None, :], tl.sum(q[:, None, :] * k[None, :, :], 2) * scale, float("-inf"))
+                sc = tl.where(jm[None, :], tl.dot(q, tl.trans(k), input_precision="ieee") * scale, float("-inf"))
                 m_new = tl.maximum(m_run, tl.max(sc, 1))
                 p = tl.exp(sc - m_new[:, None])
                 alpha = tl.exp(m_run - m_new)
@@ -125,7 +126,7 @@ def channel_gates_kernel(y, a_c, stats, C, N, heads, d, scale, eps, gn_w, gn_b, 
             tl.store(stats + 2 * b * C + ci, m_run + tl.log(l_run), mask=im)
             tl.store(stats + (2 * b + 1) * C + ci, o, mask=im)
             if not SOFTMAX:
-                tl.store(a_c + b * C + ci, tl.sigmoid(o), mask=im)
+                tl.store(a_c + b * C + ci, 1.0 / (1.0 + tl.exp(-o)), mask=im)
     if SOFTMAX:  # over all channels of the sample
         tl.debug_barrier()
         offs = tl.arange(0, BLOCK)
@@ -136,7 +137,7 @@ def channel_gates_kernel(y, a_c, stats, C, N, heads, d, scale, eps, gn_w, gn_b, 
         total = 0.0
         for c0 in range(0, C, BLOCK):
             o = tl.load(stats + (2 * b + 1) * C + c0 + offs, mask=c0 + offs < C, other=float("-inf"))
-            total += tl.sum(tl.exp(o - top), 0)
+            total += tl.sum(tl.exp(o - top))
         for c0 in range(0, C, BLOCK):
             o = tl.load(stats + (2 * b + 1) * C + c0 + offs, mask=c0 + offs < C, other=float("-inf"))
             tl.store(a_c + b * C + c0 + offs, tl.exp(o - top) / total, mask=c0 + offs < C)
@@ -147,7 +148,7 @@ def _gate_sums(ph, a_c, b, C, H, c0, BI: tl.constexpr, BN: tl.constexpr):
     """``t_c = a_c * dL/da_c`` for channels c0 + [0, BI): the gate times x_s * dout summed over the map."""
     cc = c0 + tl.arange(0, BI)
     hs = tl.arange(0, BN)[None, :]
-    t = tl.zeros([BI], dtype=tl.float32)
+    t = tl.full([BI], 0.0, tl.float32)
     for h0 in range(0, H, BN):
         t += tl.sum(tl.load(ph + (b * C + cc[:, None]) * H + h0 + hs, mask=(cc[:, None] < C) & (h0 + hs < H),
                             other=0.0), 1)
@@ -157,7 +158,7 @@ def _gate_sums(ph, a_c, b, C, H, c0, BI: tl.constexpr, BN: tl.constexpr):
 @triton.jit
 def _attn_grad_block(q, k, vbar, lse, o, do, scale, seed, b, hd, heads, d, ii, jj, jm, p_drop, DROP: tl.constexpr):
     """Softmax probabilities (times dropout's factor) and dL/dS of one (rows ii, columns jj) block."""
-    sc = tl.sum(q[:, None, :] * k[None, :, :], 2) * scale
+    sc = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
     prob = tl.where(jm[None, :], tl.exp(sc - lse[:, None]), 0.0)
     keep = _keep(seed, b, hd, heads, d, ii, jj, p_drop, DROP)
     # o_i = sum_j A_ij keep_ij vbar_j  =>  dS_ij = A_ij do_i (keep_ij vbar_j - o_i)
@@ -189,7 +190,7 @@ def channel_grads_kernel(y, a_c, stats, ph, H, dy, scratch, pg, P, C, N, heads, 
     total = 0.0
     if SOFTMAX:
         for c0 in range(0, C, BI):
-            total += tl.sum(_gate_sums(ph, a_c, b, C, H, c0, BI, BN), 0)
+            total += tl.sum(_gate_sums(ph, a_c, b, C, H, c0, BI, BN))
     for c0 in range(0, C, BI):
         cc = c0 + tl.arange(0, BI)
         gate = tl.load(a_c + b * C + cc, mask=cc < C, other=0.0)
@@ -212,7 +213,7 @@ def channel_grads_kernel(y, a_c, stats, ph, H, dy, scratch, pg, P, C, N, heads, 
             lse = tl.load(stats + 2 * b * C + ci, mask=im, other=0.0)
             o = tl.load(stats + (2 * b + 1) * C + ci, mask=im, other=0.0)
             do = tl.load(s_do + ci, mask=im, other=0.0)
-            dq = tl.zeros([BI, BN], dtype=tl.float32)
+            dq = tl.full([BI, BN], 0.0, tl.float32)
             for j0 in range(0, d, BJ):
                 jj = j0 + tl.arange(0, BJ)
                 jm = jj < d
@@ -222,7 +223,7 @@ def channel_grads_kernel(y, a_c, stats, ph, H, dy, scratch, pg, P, C, N, heads, 
                 vbar = _value_mean(ynn_j, N, cj, jm, wv, bv, HAS_BIAS)
                 pk, ds = _attn_grad_block(q, k, vbar, lse, o, do, scale, seed, b, hd, heads, d, ii, jj, jm, p_drop,
                                          DROP)
-                dq += tl.sum(ds[:, :, None] * k[None, :, :], 1)
+                dq += tl.dot(ds, k, input_precision="ieee")
             tl.store(s_dq + ci[:, None] * N + n2, dq * scale, mask=mi)
     tl.debug_barrier()
     # dL/dk and dL/dmean(v), column blocks outer; then each channel's parameter gradients
@@ -236,8 +237,8 @@ def channel_grads_kernel(y, a_c, stats, ph, H, dy, scratch, pg, P, C, N, heads, 
             yn_j, ynn_j, mj = _tokens(y, b, C, N, cj, jm, mean, rstd, gn_w, gn_b, BN)
             k = _scale(ynn_j, mj, cj, jm, wk, bk, HAS_BIAS)
             vbar = _value_mean(ynn_j, N, cj, jm, wv, bv, HAS_BIAS)
-            dk = tl.zeros([BJ, BN], dtype=tl.float32)
-            dvbar = tl.zeros([BJ], dtype=tl.float32)
+            dk = tl.full([BJ, BN], 0.0, tl.float32)
+            dvbar = tl.full([BJ], 0.0, tl.float32)
             for i0 in range(0, d, BI):
                 ii = i0 + tl.arange(0, BI)
                 im = ii < d
@@ -250,7 +251,7 @@ def channel_grads_kernel(y, a_c, stats, ph, H, dy, scratch, pg, P, C, N, heads, 
                 pk, ds = _attn_grad_block(q, k, vbar, lse, o, do, scale, seed, b, hd, heads, d, ii, jj, jm, p_drop,
                                           DROP)
                 ds = tl.where(im[:, None], ds, 0.0)
-                dk += tl.sum(ds[:, :, None] * q[:, None, :], 0)
+                dk += tl.dot(tl.trans(ds), q, input_precision="ieee")
                 dvbar += tl.sum(tl.where(im[:, None], pk * do[:, None], 0.0), 0)
             dk = dk * scale
             dq = tl.load(s_dq + cj[:, None] * N + n2, mask=mj, other=0.0)
@@ -269,8 +270,8 @@ def channel_grads_kernel(y, a_c, stats, ph, H, dy, scratch, pg, P, C, N, heads, 
             tl.store(prow + col_gn + cj, tl.sum(dynn * yn_j, 1), mask=jm)
             tl.store(prow + col_gn + C + cj, tl.sum(dynn, 1), mask=jm)
             dyn = dynn * tl.load(gn_w + cj, mask=jm, other=0.0).to(tl.float32)[:, None]
-            sum_d += tl.sum(tl.sum(dyn, 1), 0)
-            sum_dx += tl.sum(tl.sum(dyn * yn_j, 1), 0)
+            sum_d += tl.sum(dyn)
+            sum_dx += tl.sum(dyn * yn_j)
             tl.store(s_dyn + cj[:, None] * N + n2, dyn, mask=mj)
     tl.debug_barrier()
     # GroupNorm(1)'s backward over the sample
