@@ -20,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 import scsa.config  # noqa: F401  (registers the resolvers conf/ uses)
-from data import build_loaders
+from data import build_loaders, val_sample
 from scsa.benchmark import inference_throughput
 from scsa.cli import hydra_entry_point, run_task
 from scsa.cam import checkpoint_columns, sweep_columns, write_cam
@@ -65,8 +65,8 @@ def cam(cfg: DictConfig) -> dict:
         if not (settings.out or settings.dir):
             raise ValueError("cam.checkpoints=[...] needs cam.out=PATH.png (or cam=DIR to write DIR/cam.png)")
         out = Path(settings.out) if settings.out else Path(settings.dir) / "cam.png"
-        summary = write_cam(columns, out, cfg.images, settings.layer, settings.gate, settings.block, cfg.ema,
-                            settings.data_root, source)
+        summary = write_cam(columns, out, val_sample, cfg.images, settings.layer, settings.gate, settings.block,
+                            cfg.ema, settings.data_root, source)
     except ValueError as e:
         raise UserError(str(e)) from None
     print(json.dumps(summary))
@@ -79,7 +79,7 @@ def score(cfg: DictConfig) -> dict:
     with distributed.process_group(cfg.device) as (dist_info, device):
         data = data_config(cfg, trained.config["data"])
         loaders = build_loaders(data, rank=dist_info.rank, world_size=dist_info.world_size, device=device,
-                                seed=0, channels_last=False)
+                                seed=0, channels_last=False, train=False)
         if loaders.classes != trained.classes:
             raise UserError(f"the data's {len(loaders.classes)} classes differ from the checkpoint's "
                             f"{len(trained.classes)}: evaluate on the dataset the model was trained on")

@@ -6,14 +6,17 @@ device; ``DeviceLoader`` turns them into what the engine's ``Loader`` contract p
 """
 import statistics
 from dataclasses import dataclass
-from typing import List, Optional
+from pathlib import Path
+from typing import List, Mapping, Optional, Tuple
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
+from PIL import Image
 
-from data.device import DeviceLoader
+from data.device import DeviceLoader, normalise
 from data.folder import check_dataset_root, list_images
-from data.torch_loader import build_torch_loader
+from data.torch_loader import build_torch_loader, val_transform
 from scsa.engine.loader import Loader
 from scsa.errors import UserError
 
@@ -74,3 +77,24 @@ def build_loaders(cfg: DictConfig, *, rank: int, world_size: int, device: torch.
         raise UserError(f"'{cfg.root}/train' has too few images for one full batch of data.batch_size="
                         f"{cfg.batch_size} on each of {world_size} ranks: lower data.batch_size")
     return loaders
+
+
+def val_sample(data: Mapping, classes: List[str], count: int) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+    """``count`` images spread evenly over ``data.root``'s val split (so over its classes) as the val
+    loader presents them: uint8 crops, the normalised float32 batch, and their labels. For looking
+    at a few images (attention maps), not for scoring."""
+    root = data["root"]
+    if not (Path(root) / "val").is_dir():
+        raise ValueError(f"'{root}' has no val/ folder: pass cam.data_root=<the dataset the runs trained on>")
+    files, labels = list_images(root, "val", classes)
+    if not files:
+        raise ValueError(f"'{root}/val' holds no images of the run's classes: pass cam.data_root=<its dataset>")
+    picks = np.unique(np.linspace(0, len(files) - 1, min(count, len(files))).round().astype(int))
+    crop = val_transform(data["image_size"], data["val_resize"])
+    crops = []
+    for i in picks:
+        with Image.open(Path(root) / files[i]) as image:
+            crops.append(crop(image.convert("RGB")))
+    uint8 = torch.stack(crops)
+    mean, std = (torch.tensor(data[k], dtype=torch.float32).view(1, 3, 1, 1) for k in ("mean", "std"))
+    return uint8, normalise(uint8, mean, std), [labels[i] for i in picks]

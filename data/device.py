@@ -13,6 +13,11 @@ from timm.data.random_erasing import RandomErasing
 from scsa.engine.loader import Loader
 
 
+def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """uint8 images as float32 ``(x - mean) / std`` (0-255 ``mean``/``std``, shaped to broadcast)."""
+    return images.float().sub_(mean).div_(std)
+
+
 class DeviceLoader:
     """A backend's batches as normalised float32 images (0-255 ``mean``/``std``, RGB) and int64 labels."""
 
@@ -39,7 +44,7 @@ class DeviceLoader:
 
     def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.backend:
-            images = images.contiguous(memory_format=self.memory_format).float().sub_(self.mean).div_(self.std)
+            images = normalise(images.contiguous(memory_format=self.memory_format), self.mean, self.std)
             if self.erase is not None:
                 images = self.erase(images)
             yield images, labels

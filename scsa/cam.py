@@ -19,17 +19,14 @@ import logging
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from PIL import Image
 
-from data.folder import list_images
-from data.torch_loader import val_transform
 from scsa.attention import CBAM, EMA, SCSA, CoordAttention
 from scsa.runs import find_runs, group_runs
 from scsa.trained import TrainedModel, load_trained
@@ -173,31 +170,6 @@ class Cell:
     note: str = ""
 
 
-def val_images(trained: TrainedModel, count: int, data_root: Optional[str]) -> Tuple[List[Image.Image], List[int]]:
-    """``count`` val images spread evenly over the run's val split (so over its classes), and labels."""
-    root = data_root or trained.config["data"]["root"]
-    if not (Path(root) / "val").is_dir():
-        raise ValueError(f"'{root}' has no val/ folder: pass cam.data_root=<the dataset the runs trained on>")
-    files, labels = list_images(root, "val", trained.classes)
-    if not files:
-        raise ValueError(f"'{root}/val' holds no images of the run's classes: pass cam.data_root=<its dataset>")
-    picks = np.unique(np.linspace(0, len(files) - 1, min(count, len(files))).round().astype(int))
-    images = []
-    for i in picks:
-        with Image.open(Path(root) / files[i]) as image:
-            images.append(image.convert("RGB"))
-    return images, [labels[i] for i in picks]
-
-
-def _batch(trained: TrainedModel, images: List[Image.Image]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """uint8 crops (as the val loader makes them) and the normalised float batch."""
-    data = trained.config["data"]
-    crop = val_transform(data["image_size"], data["val_resize"])
-    uint8 = torch.stack([crop(image) for image in images])
-    mean, std = (torch.tensor(data[k], dtype=torch.float32).view(1, 3, 1, 1) for k in ("mean", "std"))
-    return uint8, (uint8.float() - mean) / std
-
-
 def model_cells(trained: TrainedModel, x: torch.Tensor, layer: Optional[str], gate: bool,
                 block: Optional[str]) -> Tuple[List[Cell], str]:
     """A cell per image of ``x`` for one model, and what the cells show (module, map size)."""
@@ -264,24 +236,29 @@ def render(truth: List[str], labels: List[str], crops: List[torch.Tensor], colum
     fig.savefig(out, dpi=DPI)
 
 
-def write_cam(columns: List[Column], out: Path, images: int = 8, layer: Optional[str] = None, gate: bool = False,
-              block: Optional[str] = None, ema: bool = False, data_root: Optional[str] = None,
+ValSample = Callable[[Mapping[str, Any], List[str], int], Tuple[torch.Tensor, torch.Tensor, List[int]]]
+
+
+def write_cam(columns: List[Column], out: Path, sample: ValSample, images: int = 8, layer: Optional[str] = None,
+              gate: bool = False, block: Optional[str] = None, ema: bool = False, data_root: Optional[str] = None,
               source: str = "") -> Dict:
     """Draw the grid for ``columns`` into ``out``; return a summary (columns, images, what is shown).
 
-    ``source`` says in the title where the columns' checkpoints come from.
+    ``sample(data_config, classes, count)`` reads the val images as the run's val loader presents
+    them (``data.val_sample``): the same files for every column, each cropped by its own run's
+    settings. ``source`` says in the title where the columns' checkpoints come from.
     """
     if images < 1:
         raise ValueError(f"images={images}: pass images=N with N >= 1")
     first = load_trained(str(columns[0].checkpoint), ema=ema, kernel="torch")
-    pictures, labels = val_images(first, images, data_root)
+    root = data_root or first.config["data"]["root"]
     crops, grid, shows = [], [], set()
     for column in columns:
         trained = first if column is columns[0] else load_trained(str(column.checkpoint), ema=ema, kernel="torch")
         if trained.classes != first.classes:
             raise ValueError(f"{column.checkpoint} was trained on other classes than {columns[0].checkpoint}: "
                              f"draw runs of one dataset together")
-        uint8, x = _batch(trained, pictures)
+        uint8, x, labels = sample({**trained.config["data"], "root": root}, trained.classes, images)
         cells, what = model_cells(trained, x, layer, gate, block)
         crops.append(uint8)
         grid.append(cells)

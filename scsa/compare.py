@@ -105,7 +105,7 @@ def measure_throughput(groups: List[Group], rows: List[Dict[str, Any]], settings
     """Fill ``img_per_s`` and ``peak_mem_gib`` of ``rows`` by timing each group's model;
     return a sentence naming the device and settings."""
     device = pick_device(settings.device, 0)
-    sizes = [settings.image_size or g.recipe.get("data.image_size", 224) for g in groups]
+    sizes = [settings.image_size or g.recipe["data.image_size"] for g in groups]
     builders = [_step_builder(g, row["num_classes"] or 1000, size, settings, device)
                 for g, row, size in zip(groups, rows, sizes)]
     timings = interleaved(builders, settings.warmup, settings.steps, settings.rounds, device)

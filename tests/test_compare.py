@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 from scipy import stats as scipy_stats
 
+from data import val_sample
 from scsa import stats
 from scsa.cam import (CELL_INCHES, DPI, checkpoint_columns, gate_of, last_attention_block, last_stage,
                       spatial_gate, write_cam)
@@ -302,8 +303,8 @@ def test_two_attentions_two_seeds_sweep_then_compare_and_cam(tmp_path, tiny_data
 
     # listed checkpoints, one column each; in this process (a third command start costs more than the drawing)
     gates = tmp_path / "gates.png"
-    summary = write_cam(checkpoint_columns([str(run_dirs[2] / "checkpoints" / "best.pt")]), gates, images=2,
-                        gate=True, block="layer1.0")
+    summary = write_cam(checkpoint_columns([str(run_dirs[2] / "checkpoints" / "best.pt")]), gates, val_sample,
+                        images=2, gate=True, block="layer1.0")
     assert summary["columns"] == ["2_resnet18_scsa_seed0/best"]
     assert summary["shows"] == ["spatial gate at layer1.0 (8x8)"]
     with Image.open(gates) as grid:  # one checkpoint, one column

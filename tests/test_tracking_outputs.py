@@ -15,7 +15,6 @@ import pytest
 
 from scsa.plots import plot_curves
 
-REPO = Path(__file__).resolve().parent.parent
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
@@ -109,9 +108,10 @@ def steps(offline_run_records: Dict[str, List[Dict[str, Any]]]) -> Dict[int, tup
     return {h["step"]["num"]: (h["item"]["train_loss"], h["item"]["val_top1"]) for h in offline_run_records["history"]}
 
 
-def test_offline_wandb_run_holds_config_metrics_summary_and_resumes(tmp_path, wandb_env):
+@pytest.mark.slow
+def test_offline_wandb_run_holds_config_metrics_summary_and_resumes(tmp_path, wandb_env, repo):
     run_dir = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(LOG_AND_RESUME), str(run_dir)], cwd=REPO,
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(LOG_AND_RESUME), str(run_dir)], cwd=repo,
                             env=wandb_env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     run_id, resumed_id = result.stdout.split()
