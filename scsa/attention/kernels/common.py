@@ -325,7 +325,8 @@ def strips(x: torch.Tensor, y: Optional[torch.Tensor] = None, gates: Optional[to
 
 
 def _mlp_blocks(c: int, r: int) -> Tuple[int, int, int]:
-    return 16, min(64, max(16, pow2(c))), max(16, pow2(r))
+    """(BLOCK_B, BLOCK_K, BLOCK_R): tl.dot needs every side at least 16."""
+    return 16, max(16, min(64, pow2(c), tile_budget())), max(16, pow2(r))
 
 
 def mlp_forward(s: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -59,7 +59,7 @@ def _eca_bwd_kernel(t, a, s, w, ds, dwp, B, C, K: tl.constexpr, KP: tl.constexpr
 
 
 def _blocks(c: int) -> int:
-    return min(common.pow2(c), 256)
+    return min(common.pow2(c), 256, common.tile_budget())
 
 
 @torch.library.custom_op("scsa::eca_forward", mutates_args=())

@@ -29,7 +29,7 @@ __all__ = ["ema"]
 def _stats_kernel(x, sxb, sxc, sxn, gates, stats, shifted, C, N, H, W,
                   BLOCK_C: tl.constexpr, BLOCK_N: tl.constexpr):
     """Per (b, c): mean and variance over pixels of ``x * s_h * s_w`` (Chan's pairwise update) into
-    stats[b, c, 0:2], and shifted[b, c, t] = the sum of x over the pixels that 3x3 tap t reads."""
+    stats[0:2, b, c], and shifted[b, c, t] = the sum of x over the pixels that 3x3 tap t reads."""
     b = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mc = c < C
@@ -56,8 +56,8 @@ def _stats_kernel(x, sxb, sxc, sxn, gates, stats, shifted, C, N, H, W,
             hh, ww = h - (t // 3 - 1), w - (t % 3 - 1)
             keep = (hh >= 0) & (hh < H) & (ww >= 0) & (ww < W)
             sums += tl.where(taps[None, :] == t, tl.sum(tl.where(keep, g, 0.0), 1)[:, None], 0.0)
-    tl.store(stats + (b * C + c) * 2, mean, mask=mc)
-    tl.store(stats + (b * C + c) * 2 + 1, m2 / N, mask=mc)
+    tl.store(stats + b * C + c, mean, mask=mc)
+    tl.store(stats + (tl.num_programs(0) + b) * C + c, m2 / N, mask=mc)
     tl.store(shifted + (b * C + c)[:, None] * 9 + taps[None, :], sums, mask=mc[:, None] & (taps < 9)[None, :])
 
 
@@ -208,7 +208,7 @@ def _group_blocks(x: torch.Tensor, groups: int, cg: int, n: int) -> Tuple[int, i
     if n > 1 and common.flat(x)[3] == 1:
         bn = min(common.pow2(n), 256 if budget == common._TILE else budget)
         return min(common.pow2(groups), max(1, budget // (cgp * bn))), cgp, bn
-    bg = min(common.pow2(groups), max(1, 64 // cgp))
+    bg = min(common.pow2(groups), max(1, min(64, budget) // cgp))
     return bg, cgp, min(common.pow2(n), max(1, budget // (bg * cgp)))
 
 
@@ -230,13 +230,13 @@ def ema_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, gn_w: torch
     with torch.autocast(x.device.type, enabled=False):
         gates = torch.sigmoid(torch.baddbmm(b1.float()[:, None], w1.float().expand(bgs, -1, -1), u))
     xf, sxb, sxc, sxn = common.flat(x)
-    stats = torch.empty(b, c, 2, dtype=torch.float32, device=x.device)
+    stats = torch.empty(2, b, c, dtype=torch.float32, device=x.device)
     shifted = torch.empty(b, c, 9, dtype=torch.float32, device=x.device)
     bc, bn = common.nc_blocks(xf, c, n)
     _stats_kernel[(b, triton.cdiv(c, bc))](xf, sxb, sxc, sxn, gates, stats, shifted, c, n, h, w,
                                            BLOCK_C=bc, BLOCK_N=bn)
     with torch.autocast(x.device.type, enabled=False):
-        mu, var = stats.view(bgs, cg, 2).unbind(-1)
+        mu, var = stats.view(2, bgs, cg).unbind(0)
         rstd = torch.rsqrt(var + eps)
         gamma, beta = gn_w.float(), gn_b.float()
         w3f = w3.float().reshape(cg, cg * 9)
