@@ -5,7 +5,7 @@ the eager PyTorch path otherwise), ``triton`` or ``torch``. With ``TRITON_INTERP
 Triton kernels also run on CPU tensors, in Triton's interpreter: that is how they are tested
 on machines without a GPU.
 """
-import functools
+import importlib.util
 import os
 
 import torch
@@ -22,14 +22,15 @@ def check_kernel(kernel: str) -> str:
     return kernel
 
 
-@functools.lru_cache(maxsize=None)
+_TRITON = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """Whether the ``triton`` package (shipped with CUDA builds of torch) imports."""
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    """Whether the ``triton`` package (shipped with CUDA builds of torch) is installed.
+
+    Looked up once, without importing it: a constant that ``torch.compile`` traces through.
+    """
+    return _TRITON
 
 
 def interpreting() -> bool:
