@@ -1,7 +1,7 @@
 """Training throughput on synthetic data: img/s and peak memory per configuration.
 
     python -m scsa.benchmark --models resnet50 --attentions none,se,scsa --amp bf16 \
-        --batch-size 256 --channels-last true --compile false,true --out throughput.json
+        --batch-size 256 --channels-last true --compile false,true --kernels torch,triton --out throughput.json
 
 Configurations are timed in interleaved rounds (a noisy machine slows all of them alike)
 and reported as medians, with each one's speed relative to attention=none.
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import scsa
 from scsa.engine.distributed import pick_device
+from scsa.attention.kernels import KERNELS
 from scsa.engine.precision import Precision, configure_backends
 
 
@@ -29,9 +30,11 @@ def bools(text: str) -> List[bool]:
 
 
 def make_step(model_name: str, attention: str, amp: str, channels_last: bool, compile_model: bool,
-              batch_size: int, image_size: int, device: torch.device) -> Callable[[], None]:
-    """One SGD training step of the configuration on a fixed synthetic batch."""
-    return training_step(scsa.create_model(model_name, attention), amp, channels_last, compile_model,
+              batch_size: int, image_size: int, device: torch.device, kernel: str = "auto") -> Callable[[], None]:
+    """One SGD training step of the configuration on a fixed synthetic batch; ``kernel`` picks the
+    attention's implementation (``auto``, ``triton`` or ``torch``, see ``scsa.attention.kernels``)."""
+    kwargs = {} if attention == "none" else {"kernel": kernel}
+    return training_step(scsa.create_model(model_name, attention, **kwargs), amp, channels_last, compile_model,
                          batch_size, image_size, device)
 
 
@@ -116,11 +119,14 @@ def run(args: argparse.Namespace) -> List[Dict]:
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     configure_backends(device, deterministic=False)
-    configs = [dict(model=m, attention=a, amp=p, channels_last=c, compile=k) for m, p, c, k, a in itertools.product(
-        args.models.split(","), args.amp.split(","), bools(args.channels_last), bools(args.compile),
-        args.attentions.split(","))]
+    kernels = getattr(args, "kernels", "auto").split(",")
+    configs = [dict(model=m, attention=a, kernel=None if a == "none" else r, amp=p, channels_last=c, compile=k)
+               for m, p, c, k, a, r in itertools.product(
+                   args.models.split(","), args.amp.split(","), bools(args.channels_last), bools(args.compile),
+                   args.attentions.split(","), kernels)
+               if a != "none" or r == kernels[0]]  # attention=none has no kernel: timed once
     builders = [functools.partial(make_step, c["model"], c["attention"], c["amp"], c["channels_last"], c["compile"],
-                                  args.batch_size, args.image_size, device) for c in configs]
+                                  args.batch_size, args.image_size, device, c["kernel"] or "auto") for c in configs]
     results = []
     for config, (median, peak) in zip(configs, interleaved(builders, args.warmup, args.steps, args.rounds, device)):
         results.append({**config, "batch_size": args.batch_size, "image_size": args.image_size,
@@ -150,12 +156,13 @@ def device_name(device: torch.device) -> str:
 
 
 def markdown(results: List[Dict]) -> str:
-    lines = ["| model | attention | amp | channels_last | compile | batch | img/s | vs none | peak GiB |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | attention | kernel | amp | channels_last | compile | batch | img/s | vs none | peak GiB |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         peak = f"{r['peak_mem_gib']:.1f}" if r["peak_mem_gib"] is not None else "-"
         ratio = f"{r['vs_none']:.3f}" if r["vs_none"] is not None else "-"
-        lines.append(f"| {r['model']} | {r['attention']} | {r['amp']} | {r['channels_last']} | {r['compile']} | "
+        lines.append(f"| {r['model']} | {r['attention']} | {r.get('kernel') or '-'} | {r['amp']} | "
+                     f"{r['channels_last']} | {r['compile']} | "
                      f"{r['batch_size']} | {r['img_per_s']:.0f} | {ratio} | {peak} |")
     return "\n".join(lines)
 
@@ -167,6 +174,8 @@ def main() -> None:
     parser.add_argument("--amp", default="bf16", help="comma list of bf16, fp16, none")
     parser.add_argument("--channels-last", default="true", help="comma list of true/false")
     parser.add_argument("--compile", default="false", help="comma list of true/false")
+    parser.add_argument("--kernels", default="auto", help="comma list of auto, triton, torch (the attention's "
+                        "implementation; see scsa.attention.kernels)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--warmup", type=int, default=10)
@@ -176,6 +185,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     parser.add_argument("--out", default="throughput.json")
     args = parser.parse_args()
+    unknown = sorted(set(args.kernels.split(",")) - set(KERNELS))
+    if unknown:
+        parser.error(f"unknown --kernels {','.join(unknown)}: use a comma list of {', '.join(KERNELS)}")
     results = run(args)
     print(f"device: {results[0]['device']}, torch {torch.__version__}")
     print(markdown(results))
