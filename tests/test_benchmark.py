@@ -1,5 +1,9 @@
-"""scsa.benchmark's configuration grid: the attention kernel as one of its dimensions."""
+"""scsa.benchmark's configuration grid (the attention kernel as one of its dimensions), and the GPU script."""
 import argparse
+import os
+import re
+import subprocess
+from pathlib import Path
 
 import torch
 
@@ -28,3 +32,11 @@ def test_make_step_builds_the_attention_with_the_kernel(monkeypatch):
     monkeypatch.setattr(benchmark, "training_step", lambda model, *args: models.append(model))
     benchmark.make_step("resnet18", "se", "none", False, False, 2, 32, torch.device("cpu"), kernel="torch")
     assert {m.kernel for m in models[0].modules() if hasattr(m, "kernel")} == {"torch"}
+
+
+def test_gpu_check_script_parses_and_fits_the_session():
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    assert os.access(script, os.X_OK)
+    budget = re.search(r"^BUDGET=\$\{BUDGET:-(\d+)\}", script.read_text(), re.M)
+    assert budget and int(budget.group(1)) < 8 * 60  # the session's limit
