@@ -201,6 +201,126 @@ def _dx_kernel(dout, sdb, sdc, sdn, x, sxb, sxc, sxn, dx, sob, soc, son, gates, 
     tl.store(dx + b.to(tl.int64) * sob + c[:, None] * soc + n[None, :] * son, acc.to(dx.dtype.element_ty), mask=m)
 
 
+@triton.jit
+def _gates_kernel(u, w1, b1, gates, CG, L, CGP: tl.constexpr, BLOCK_L: tl.constexpr):
+    """gates[bg] = sigmoid(w1 @ u[bg] + b1): the shared 1x1 conv over both strips, for a block of positions."""
+    bg = tl.program_id(0)
+    i = tl.arange(0, CGP)[:, None, None]
+    j = tl.arange(0, CGP)[None, :, None]
+    l3 = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)[None, None, :]
+    uv = tl.load(u + (bg * CG + j) * L + l3, mask=(j < CG) & (l3 < L), other=0.0)
+    z = tl.sum(tl.load(w1 + i * CG + j, mask=(i < CG) & (j < CG), other=0.0) * uv, 1)  # (CGP, BLOCK_L)
+    i2 = tl.arange(0, CGP)[:, None]
+    l2 = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)[None, :]
+    z += tl.load(b1 + i2, mask=i2 < CG, other=0.0)
+    tl.store(gates + (bg * CG + i2) * L + l2, tl.sigmoid(z), mask=(i2 < CG) & (l2 < L))
+
+
+@triton.jit
+def _softmax(z, mask):
+    z = tl.where(mask, z, float("-inf"))
+    p = tl.exp(z - tl.max(z, 0))
+    return p / tl.sum(p, 0)
+
+
+@triton.jit
+def _fwd_small_kernel(stats, shifted, w3, b3, gamma, beta, rstd_out, w2s_out, alpha_out, const_out, kern, BG, CG, N,
+                      eps, CGP: tl.constexpr, BLOCK_J: tl.constexpr):
+    """Per sample-group: rstd, w2 = softmax(mean x2), alpha = w2 * gamma * rstd and the constant of wt;
+    program 0 also writes the stencil kern = w1 @ W3 (w1 = softmax(beta) is the same for every bg)."""
+    bg = tl.program_id(0)
+    co = tl.arange(0, CGP)
+    mco = co < CG
+    m2 = tl.zeros([CGP], dtype=tl.float32)
+    for j0 in range(0, CG * 9, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        wt = tl.load(w3 + co[:, None] * (CG * 9) + j[None, :], mask=mco[:, None] & (j < CG * 9)[None, :], other=0.0)
+        m2 += tl.sum(wt * tl.load(shifted + bg * CG * 9 + j, mask=j < CG * 9, other=0.0)[None, :], 1)
+    b3v = tl.load(b3 + co, mask=mco, other=0.0)
+    w2s = _softmax(b3v + m2 / N, mco)
+    g, be = tl.load(gamma + co, mask=mco, other=0.0), tl.load(beta + co, mask=mco, other=0.0)
+    w1s = _softmax(be, mco)
+    mu = tl.load(stats + bg * CG + co, mask=mco, other=0.0)
+    rstd = 1.0 / tl.sqrt(tl.load(stats + (BG + bg) * CG + co, mask=mco, other=0.0) + eps)
+    tl.store(rstd_out + bg * CG + co, rstd, mask=mco)
+    tl.store(w2s_out + bg * CG + co, w2s, mask=mco)
+    tl.store(alpha_out + bg * CG + co, w2s * g * rstd, mask=mco)
+    tl.store(const_out + bg, tl.sum(tl.where(mco, w2s * (be - g * mu * rstd) + w1s * b3v, 0.0), 0))
+    if bg == 0:
+        for j0 in range(0, CG * 9, BLOCK_J):
+            j = j0 + tl.arange(0, BLOCK_J)
+            wt = tl.load(w3 + co[:, None] * (CG * 9) + j[None, :], mask=mco[:, None] & (j < CG * 9)[None, :], other=0.0)
+            tl.store(kern + j, tl.sum(w1s[:, None] * wt, 0), mask=j < CG * 9)
+
+
+@triton.jit
+def _bwd_small_kernel(e, egs, gs, g2s, gates, mu_in, rstd_in, w2s_in, q, w3, b3, gamma, beta, w1,
+                      dz_out, du_out, lin_out, per_c, ebar_out, partial, CG, N, H, L,
+                      CGP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_L: tl.constexpr):
+    """Per sample-group, the backward of the small chain: from e = dL/dwt and the strip sums to dz (the
+    1x1 conv's output gradient), du = w1.T @ dz, the per-channel terms of dx, and this group's share of
+    the parameter gradients: partial = (w2 * sum(e xhat) | w2 * sum(e) + dm1 | dm2 | sum(e))."""
+    bg = tl.program_id(0)
+    co = tl.arange(0, CGP)
+    mco = co < CG
+    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        n = n0 + tl.arange(0, BLOCK_N)
+        acc += tl.load(e + bg * N + n, mask=n < N, other=0.0)
+    esum = tl.sum(acc, 0)
+    pacc = tl.zeros([CGP], dtype=tl.float32)
+    for l0 in range(0, H, BLOCK_L):
+        l = l0 + tl.arange(0, BLOCK_L)[None, :]
+        m = mco[:, None] & (l < H)
+        off = (bg * CG + co[:, None]) * L + l
+        pacc += tl.sum(tl.load(gates + off, mask=m, other=0.0) * tl.load(egs + off, mask=m, other=0.0), 1)
+    mu = tl.load(mu_in + bg * CG + co, mask=mco, other=0.0)
+    rstd = tl.load(rstd_in + bg * CG + co, mask=mco, other=0.0)
+    w2s = tl.load(w2s_in + bg * CG + co, mask=mco, other=0.0)
+    g, be = tl.load(gamma + co, mask=mco, other=0.0), tl.load(beta + co, mask=mco, other=0.0)
+    w1s = _softmax(be, mco)
+    ehat = rstd * (pacc - mu * esum)  # sum_n e * xhat
+    dw1s = esum * tl.load(b3 + co, mask=mco, other=0.0)
+    for j0 in range(0, CG * 9, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        wt = tl.load(w3 + co[:, None] * (CG * 9) + j[None, :], mask=mco[:, None] & (j < CG * 9)[None, :], other=0.0)
+        dw1s += tl.sum(wt * tl.load(q + bg * CG * 9 + j, mask=j < CG * 9, other=0.0)[None, :], 1)
+    dw2s = g * ehat + be * esum
+    dm1 = tl.where(mco, w1s * (dw1s - tl.sum(w1s * dw1s, 0)), 0.0)
+    dm2 = tl.where(mco, w2s * (dw2s - tl.sum(w2s * dw2s, 0)), 0.0)
+    for j0 in range(0, CG * 9, BLOCK_J):
+        j = j0 + tl.arange(0, BLOCK_J)
+        wt = tl.load(w3 + co[:, None] * (CG * 9) + j[None, :], mask=mco[:, None] & (j < CG * 9)[None, :], other=0.0)
+        tl.store(lin_out + bg * CG * 9 + j, tl.sum(wt * dm2[:, None], 0) / N, mask=j < CG * 9)
+    kappa = g * rstd * w2s
+    exh = ehat / N
+    ebar = esum / N
+    tl.store(per_c + (bg * CG + co) * 4, mu, mask=mco)
+    tl.store(per_c + (bg * CG + co) * 4 + 1, rstd, mask=mco)
+    tl.store(per_c + (bg * CG + co) * 4 + 2, kappa, mask=mco)
+    tl.store(per_c + (bg * CG + co) * 4 + 3, exh, mask=mco)
+    tl.store(ebar_out + bg, ebar)
+    pbase = partial + bg * (3 * CG + 1)
+    tl.store(pbase + co, w2s * ehat, mask=mco)
+    tl.store(pbase + CG + co, w2s * esum + dm1, mask=mco)
+    tl.store(pbase + 2 * CG + co, dm2, mask=mco)
+    tl.store(pbase + 3 * CG, esum)
+    i3 = tl.arange(0, CGP)[:, None, None]
+    j3 = tl.arange(0, CGP)[None, :, None]
+    w1v = tl.load(w1 + i3 * CG + j3, mask=(i3 < CG) & (j3 < CG), other=0.0)  # w1[i, j]
+    for l0 in range(0, L, BLOCK_L):
+        l = l0 + tl.arange(0, BLOCK_L)[None, :]
+        m = mco[:, None] & (l < L)
+        off = (bg * CG + co[:, None]) * L + l
+        gv = tl.load(gates + off, mask=m, other=0.0)
+        gsv = tl.load(gs + off, mask=m, other=0.0)
+        dg = kappa[:, None] * (tl.load(egs + off, mask=m, other=0.0) - ebar * gsv
+                               - (exh * rstd)[:, None] * (gv * tl.load(g2s + off, mask=m, other=0.0) - mu[:, None] * gsv))
+        dz = tl.where(m, dg * gv * (1.0 - gv), 0.0)
+        tl.store(dz_out + off, dz, mask=m)
+        tl.store(du_out + off, tl.sum(w1v * dz[:, None, :], 0), mask=m)  # du[j, l] = sum_i w1[i, j] dz[i, l]
+
+
 def _group_blocks(x: torch.Tensor, groups: int, cg: int, n: int) -> Tuple[int, int, int]:
     """(BLOCK_G, CGP, BLOCK_N) for (groups, channels, pixels) tiles: wide along the contiguous axis."""
     cgp = common.pow2(cg)
@@ -210,6 +330,11 @@ def _group_blocks(x: torch.Tensor, groups: int, cg: int, n: int) -> Tuple[int, i
         return min(common.pow2(groups), max(1, budget // (cgp * bn))), cgp, bn
     bg = min(common.pow2(groups), max(1, min(64, budget) // cgp))
     return bg, cgp, min(common.pow2(n), max(1, budget // (bg * cgp)))
+
+
+def _small_block(cg: int, length: int) -> int:
+    """Positions per step of the small (per sample-group) kernels: (cg, cg, block) tiles within the budget."""
+    return min(common.pow2(length), max(1, min(common._TILE, common.tile_budget()) // common.pow2(cg) ** 2))
 
 
 def _rows_blocks(c: int, h: int, w: int) -> Tuple[int, int, int]:
@@ -223,35 +348,36 @@ def _rows_blocks(c: int, h: int, w: int) -> Tuple[int, int, int]:
 def ema_forward(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, gn_w: torch.Tensor, gn_b: torch.Tensor,
                 w3: torch.Tensor, b3: torch.Tensor, groups: int, eps: float
                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                           torch.Tensor, torch.Tensor]:
+                           torch.Tensor, torch.Tensor, torch.Tensor]:
     b, c, h, w = x.shape
     n, cg, bgs = h * w, c // groups, b * groups
     u = common.strips(x, mean=True).view(bgs, cg, h + w)  # x_h then x_w, per group
-    with torch.autocast(x.device.type, enabled=False):
-        gates = torch.sigmoid(torch.baddbmm(b1.float()[:, None], w1.float().expand(bgs, -1, -1), u))
+    f32 = dict(dtype=torch.float32, device=x.device)
+    cgp = common.pow2(cg)
+    gates = torch.empty_like(u)
+    bl = _small_block(cg, h + w)
+    _gates_kernel[(bgs, triton.cdiv(h + w, bl))](u, w1.float().contiguous(), b1.float().contiguous(), gates, cg,
+                                                 h + w, CGP=cgp, BLOCK_L=bl)
     xf, sxb, sxc, sxn = common.flat(x)
-    stats = torch.empty(2, b, c, dtype=torch.float32, device=x.device)
-    shifted = torch.empty(b, c, 9, dtype=torch.float32, device=x.device)
+    stats = torch.empty(2, b, c, **f32)
+    shifted = torch.empty(b, c, 9, **f32)
     bc, bn = common.nc_blocks(xf, c, n)
     _stats_kernel[(b, triton.cdiv(c, bc))](xf, sxb, sxc, sxn, gates, stats, shifted, c, n, h, w,
                                            BLOCK_C=bc, BLOCK_N=bn)
-    with torch.autocast(x.device.type, enabled=False):
-        mu, var = stats.view(2, bgs, cg).unbind(0)
-        rstd = torch.rsqrt(var + eps)
-        gamma, beta = gn_w.float(), gn_b.float()
-        w3f = w3.float().reshape(cg, cg * 9)
-        w1s = torch.softmax(beta, 0)  # softmax(mean x1): GroupNorm's output has its bias as mean
-        kern = (w1s @ w3f).view(cg, 9)  # w1 . x2 as one stencil
-        w2s = torch.softmax(torch.addmm(b3.float(), shifted.view(bgs, cg * 9), w3f.t(), alpha=1.0 / n), -1)
-        alpha = w2s * gamma * rstd
-        const = (w2s * (beta - gamma * mu * rstd)).sum(-1) + w1s @ b3.float()
+    mu = stats[0].view(bgs, cg)
+    rstd, w2s, alpha = (torch.empty(bgs, cg, **f32) for _ in range(3))
+    const = torch.empty(bgs, **f32)
+    kern = torch.empty(cg, 9, **f32)
+    _fwd_small_kernel[(bgs,)](stats, shifted, w3.float().contiguous(), b3.float().contiguous(), gn_w.float().contiguous(),
+                              gn_b.float().contiguous(), rstd, w2s, alpha, const, kern, bgs, cg, n, eps,
+                              CGP=cgp, BLOCK_J=_small_block(cg, cg * 9))
     out = common.new_map(x)
     _, sob, soc, son = common.flat(out)
     sig = torch.empty(bgs, n, dtype=torch.float32, device=x.device)
     bg, cgp, bn = _group_blocks(xf, groups, cg, n)
     _weights_out_kernel[(b, triton.cdiv(n, bn))](xf, sxb, sxc, sxn, out, sob, soc, son, gates, kern, alpha, const,
                                                 sig, groups, cg, n, h, w, BLOCK_G=bg, CGP=cgp, BLOCK_N=bn)
-    return out, u, gates, mu, rstd, shifted, w2s, sig
+    return out, u, gates, mu, rstd, shifted, w2s, sig, kern
 
 
 @ema_forward.register_fake
@@ -261,15 +387,15 @@ def _(x, w1, b1, gn_w, gn_b, w3, b3, groups, eps):
     f32 = dict(dtype=torch.float32, device=x.device)
     return (common.new_map(x), torch.empty(bgs, cg, h + w, **f32), torch.empty(bgs, cg, h + w, **f32),
             torch.empty(bgs, cg, **f32), torch.empty(bgs, cg, **f32), torch.empty(b, c, 9, **f32),
-            torch.empty(bgs, cg, **f32), torch.empty(bgs, h * w, **f32))
+            torch.empty(bgs, cg, **f32), torch.empty(bgs, h * w, **f32), torch.empty(cg, 9, **f32))
 
 
 @torch.library.custom_op("scsa::ema_backward", mutates_args=())
 def ema_backward(dout: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, gn_w: torch.Tensor,
                  gn_b: torch.Tensor, w3: torch.Tensor, b3: torch.Tensor, groups: int, eps: float, u: torch.Tensor,
                  gates: torch.Tensor, mu: torch.Tensor, rstd: torch.Tensor, shifted: torch.Tensor, w2s: torch.Tensor,
-                 sig: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                                             torch.Tensor, torch.Tensor]:
+                 sig: torch.Tensor, kern: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                 torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     b, c, h, w = x.shape
     n, cg, bgs = h * w, c // groups, b * groups
     xf, sxb, sxc, sxn = common.flat(x)
@@ -283,33 +409,27 @@ def ema_backward(dout: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, b1: torc
     rc, rh, rw = _rows_blocks(c, h, w)
     _grad_sums_kernel[(b, triton.cdiv(c, rc))](xf, *xf.stride(), gates, e, egs, gs, g2s, q, c, cg, h, w,
                                                BLOCK_C=rc, BLOCK_H=rh, BLOCK_W=rw)
+    f32 = dict(dtype=torch.float32, device=x.device)
+    w3f = w3.float().contiguous()
+    dz, du = torch.empty_like(gates), torch.empty_like(gates)
+    lin = torch.empty(bgs, cg * 9, **f32)
+    per_c = torch.empty(bgs, cg, 4, **f32)
+    ebar = torch.empty(bgs, **f32)
+    partial = torch.empty(bgs, 3 * cg + 1, **f32)
+    _bwd_small_kernel[(bgs,)](e, egs, gs, g2s, gates, mu, rstd, w2s, q, w3f, b3.float().contiguous(),
+                              gn_w.float().contiguous(), gn_b.float().contiguous(), w1.float().contiguous(), dz, du,
+                              lin, per_c, ebar, partial, cg, n, h, h + w, CGP=common.pow2(cg),
+                              BLOCK_N=min(common.pow2(n), common.tile_budget(), common._TILE),
+                              BLOCK_J=_small_block(cg, cg * 9), BLOCK_L=_small_block(cg, h + w))
     with torch.autocast(x.device.type, enabled=False):
-        gamma, beta = gn_w.float(), gn_b.float()
-        w3f = w3.float().reshape(cg, cg * 9)
-        w1s = torch.softmax(beta, 0)
-        esum = e.sum(-1, keepdim=True)  # (BG, 1)
-        q = q.view(bgs, cg * 9)
-        p = (gates[..., :h] * egs[..., :h]).sum(-1)  # sum_n e g s_h s_w
-        ehat = rstd * (p - mu * esum)  # sum_n e * xhat
-        dw1s = q @ w3f.t() + esum * b3.float()
-        dw2s = gamma * ehat + beta * esum
-        dm1 = w1s * (dw1s - (dw1s * w1s).sum(-1, keepdim=True))
-        dm2 = w2s * (dw2s - (dw2s * w2s).sum(-1, keepdim=True))
-        dw3 = (torch.outer(w1s, q.sum(0)) + dm2.t() @ shifted.view(bgs, cg * 9) / n).view(w3.shape)
-        db3 = w1s * esum.sum() + dm2.sum(0)
-        dgamma = (w2s * ehat).sum(0)
-        dbeta = (w2s * esum + dm1).sum(0)
-        kappa = gamma * rstd * w2s
-        exh = ehat / n
-        ebar = esum / n
-        dgates = kappa[..., None] * (egs - ebar[..., None] * gs - (exh * rstd)[..., None] * (gates * g2s - mu[..., None] * gs))
-        dz = dgates * gates * (1 - gates)
+        dgamma, dbeta = partial[:, :cg].sum(0), partial[:, cg:2 * cg].sum(0)  # summed over sample-groups
+        dm2_e = partial[:, 2 * cg:].sum(0)  # dm2 | sum(e)
+        w1s = torch.softmax(gn_b.float(), 0)
+        dw3 = torch.addmm(torch.outer(w1s, q.view(bgs, cg * 9).sum(0)), partial[:, 2 * cg:3 * cg].t(),
+                          shifted.view(bgs, cg * 9), alpha=1.0 / n).view(w3.shape)
+        db3 = torch.addcmul(dm2_e[:cg], w1s, dm2_e[cg])
         dw1 = torch.einsum("gil,gjl->ij", dz, u)
         db1 = dz.sum((0, 2))
-        du = torch.matmul(w1.float().t(), dz)  # dL/d(x_h | x_w)
-        kern = (w1s @ w3f).view(cg, 9)
-        lin = dm2 @ w3f / n  # (BG, cg * 9): the mean-of-x2 share of conv3x3's input gradient
-        per_c = torch.stack([mu, rstd, kappa, exh], -1)
     dx = common.new_map(x)
     _, sob, soc, son = common.flat(dx)
     bc, bn = common.nc_blocks(xf, c, n)
