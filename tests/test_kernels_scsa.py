@@ -97,6 +97,22 @@ def test_triton_channels_last(shape, kwargs):
     assert_same(fast, ref, rand(shape, channels_last=True), rand(shape, channels_last=True))
 
 
+@pytest.mark.parametrize("shape,kwargs,channels_last", [
+    ((1, 32, 9, 18), dict(window_size=2), False),
+    ((1, 16, 13, 10), dict(window_size=-1, gate_layer="softmax"), False),
+    ((1, 16, 12, 13), dict(window_size=3, down_sample_mode="max_pool", qkv_bias=True), True),
+])
+def test_small_tiles_take_every_multi_step_path(shape, kwargs, channels_last, monkeypatch):
+    """With a tiny tile budget every loop runs more than once: channel blocks, bands of window rows,
+    row steps within a window (max pooling's ties across steps), strip groups in steps, token
+    chunks and attention blocks."""
+    monkeypatch.setattr(kernels, "TILE_BUDGET", 256)
+    monkeypatch.setattr(kernels, "INTERPRETER_TILE_BUDGET", 256)
+    torch.manual_seed(11)
+    fast, ref = pair(shape[1], shape, **kwargs)
+    assert_same(fast, ref, rand(shape, channels_last), rand(shape, channels_last))
+
+
 def test_gradient_laid_out_unlike_the_map():
     """dout in NCHW for a channels_last map (and a broadcast one): each big tensor has its own strides."""
     torch.manual_seed(2)

@@ -51,32 +51,32 @@ class _Plan(NamedTuple):
     block: int  # ... flat block
 
 
+# Elements per tile of the map kernels (and the base of the others' block sizes). The interpreter
+# pays per op and per program, not per element: it takes bigger tiles, so fewer programs.
+TILE_BUDGET = 1 << 12
+INTERPRETER_TILE_BUDGET = 1 << 16
+
+
 def _plan(x: Tensor, window: Sequence[int], heads: int, ksizes: Sequence[int]) -> _Plan:
     b, c, h, w = x.shape
     wh, ww = window
     hp, wp = h // wh, w // ww
+    budget = INTERPRETER_TILE_BUDGET if interpreting() else TILE_BUDGET
     bu, bj = _pow2(ww), _pow2(triton.cdiv(w, ww))
-    n_win = triton.cdiv(h, wh)
-    if interpreting():  # the interpreter pays per op and per program, not per element: few, big tiles
-        budget = 1 << 16
-        br = _pow2(wh)
-        bc = min(_pow2(c), max(1, budget // (br * bj * bu)))
-        band_win = n_win
+    if x.stride(1) == 1 and c > 1:  # channels_last: channels are the contiguous axis, take many
+        bc = min(_pow2(c), 64, max(1, budget // (bj * bu)))
+        br = min(_pow2(wh), max(1, budget // (bc * bj * bu)))
     else:
-        budget = 1 << 12
-        if x.stride(1) == 1 and c > 1:  # channels_last: channels are the contiguous axis, take many
-            bc = min(_pow2(c), 64, max(1, budget // (bj * bu)))
-            br = min(_pow2(wh), max(1, budget // (bc * bj * bu)))
-        else:
-            br = min(_pow2(wh), 8)
-            bc = min(_pow2(c), max(1, budget // (br * bj * bu)))
-        band_win = max(1, 8 // wh)  # at least ~8 map rows per program
+        br = min(_pow2(wh), 8)
+        bc = min(_pow2(c), max(1, budget // (br * bj * bu)))
+    band_win = max(1, 8 // wh)  # at least ~8 map rows per program
+    n_win = triton.cdiv(h, wh)
     bl, kp = _pow2(max(h, w)), _pow2(max(ksizes))
     bg = min(_pow2(c // 4), max(1, 2 * budget // (4 * bl * kp)))  # (4 * bg, bl, kp) conv tiles, 8 warps
-    bn = max(16, _pow2(hp * wp))  # tl.dot needs blocks of 16 or more
-    bi = max(16, min(64, _pow2(c // heads), budget // bn))
+    bn = max(16, min(_pow2(hp * wp), budget // 64))  # token chunks; tl.dot needs blocks of 16 or more
+    bi = max(16, min(64, _pow2(c // heads), budget // 64))
     return _Plan(hp, wp, dict(BC=bc, BR=br, BJ=bj, BU=bu), triton.cdiv(c, bc), band_win,
-                 triton.cdiv(n_win, band_win), bg, bl, kp, bi, bn, min(1024, _pow2(c * hp * wp)))
+                 triton.cdiv(n_win, band_win), bg, bl, kp, bi, bn, min(budget // 4, _pow2(c * hp * wp)))
 
 
 def _columns(c: int, ksizes: Sequence[int], qkv_bias: bool) -> Dict[str, int]:
@@ -126,8 +126,7 @@ def _forward_impl(x: Tensor, w0: Tensor, w1: Tensor, w2: Tensor, w3: Tensor, b0:
     channel_gates_kernel[(bsz,)](y, a_c, stats, c, pl.hp * pl.wp, heads, d, d ** -0.5, _GN_EPS, gn_w, gn_b,
                                  wq, wk, wv, bq if has_bias else wq, bk if has_bias else wk, bv if has_bias else wv,
                                  seed if seed is not None else a_c, p_drop, HAS_BIAS=has_bias,
-                                 DROP=seed is not None, SOFTMAX=softmax, BI=pl.bi, BJ=pl.bi, BN=pl.bn,
-                                 BLOCK=pl.block)
+                                 DROP=seed is not None, SOFTMAX=softmax, BI=pl.bi, BN=pl.bn, BLOCK=pl.block)
     gate_out_kernel[grid](x, *x.stride(), out, *out.stride(), a, a_c, c, h, w, wh, ww, pl.band_win, pl.n_cb,
                           **tiles)
     return out, s, a, xhat, rstd, y, idx, a_c, stats
@@ -162,7 +161,7 @@ def _backward_impl(g: Tensor, x: Tensor, s: Tensor, a: Tensor, xhat: Tensor, rst
                                  gn_w, gn_b, wq, wk, wv, bq if has_bias else wq, bk if has_bias else wk,
                                  bv if has_bias else wv, seed if seed is not None else a_c, p_drop, cols["norm"],
                                  cols["qkv"], cols["qkv_b"], HAS_BIAS=has_bias, DROP=seed is not None,
-                                 SOFTMAX=softmax, BI=pl.bi, BJ=pl.bi, BN=pl.bn, BLOCK=pl.block)
+                                 SOFTMAX=softmax, BI=pl.bi, BN=pl.bn, BLOCK=pl.block)
     dsx = torch.empty(bsz, c, h + w, **f32)
     strip_scratch = torch.empty(bsz, 2, c, h + w, **f32)
     strip_grads_kernel[(bsz,)](s, a, xhat, rstd, a_c, ph, pwp, dy, rows, wcols, y, idx if max_pool else y, dsx,
