@@ -1,22 +1,77 @@
 """CA's (coordinate attention's) Triton path: seven passes over the map per forward + backward.
 
-Forward: the H- and W-strip means in one pass; the small chain (1x1 conv, BatchNorm, h-swish,
-the two 1x1 convs and sigmoids) in plain ops on (B, C, H + W) tensors, in fp32; then
-``out = x * a_h * a_w`` (one pass in, one out). Backward: ``dL/da_h = sum_w dout * x * a_w``
-and ``dL/da_w = sum_h dout * x * a_h`` in one pass over dout and x; the small chain's backward
-by hand (BatchNorm through ``native_batch_norm_backward``); ``dx = dout * a_h * a_w + dL/dx_h / W
-+ dL/dx_w / H`` (one pass in, one out). BatchNorm's batch statistics need every sample, so the
-small chain stays in plain ops rather than one kernel; its running statistics are updated as
-``nn.BatchNorm2d`` updates them.
+Forward: the H- and W-strip means in one pass; the small chain on (B, K or C, H + W) fp32
+tensors (the 1x1 squeeze conv and BatchNorm in plain ops; h-swish, both gate convs and their
+sigmoids in one kernel); ``out = x * a_h * a_w`` (one pass in, one out). Backward:
+``dL/da_h = sum_w dout * x * a_w`` and ``dL/da_w = sum_h dout * x * a_h`` in one pass over dout
+and x; the small chain's backward by hand (gates and h-swish in one kernel, BatchNorm through
+``native_batch_norm_backward``); ``dx = dout * a_h * a_w + dL/dx_h / W + dL/dx_w / H`` (one pass
+in, one out). BatchNorm's batch statistics need every sample before any gate, so it stays a
+plain op between kernels; its running statistics are updated as ``nn.BatchNorm2d`` updates them.
 """
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
+import triton
+import triton.language as tl
 
 from scsa.attention.kernels import common
 
 __all__ = ["coord_attention"]
+
+
+@triton.jit
+def _gates_kernel(ybn, wh, bh, ww, bw, y, a, C, K, H, L, BLOCK_C: tl.constexpr, BLOCK_L: tl.constexpr):
+    """y = hardswish(ybn) (B, K, H + W) and a = sigmoid(wh @ y_h + bh | ww @ y_w + bw) (B, C, H + W)."""
+    b = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    l = tl.program_id(2) * BLOCK_L + tl.arange(0, BLOCK_L)
+    mc, ml = c < C, l < L
+    rows = (l < H)[None, :]
+    z = tl.where(rows, tl.load(bh + c, mask=mc, other=0.0)[:, None], tl.load(bw + c, mask=mc, other=0.0)[:, None])
+    for k in range(K):
+        v = tl.load(ybn + (b * K + k) * L + l, mask=ml, other=0.0)
+        yk = v * tl.minimum(tl.maximum(v + 3.0, 0.0), 6.0) / 6.0
+        if tl.program_id(1) == 0:
+            tl.store(y + (b * K + k) * L + l, yk, mask=ml)
+        wk = tl.where(rows, tl.load(wh + c * K + k, mask=mc, other=0.0)[:, None],
+                      tl.load(ww + c * K + k, mask=mc, other=0.0)[:, None])
+        z += wk * yk[None, :]
+    tl.store(a + (b * C + c)[:, None] * L + l[None, :], tl.sigmoid(z), mask=mc[:, None] & ml[None, :])
+
+
+@triton.jit
+def _gates_bwd_kernel(t, a, ybn, wh, ww, dz, dybn, C, K, H, L,
+                      BLOCK_C: tl.constexpr, KP: tl.constexpr, BLOCK_L: tl.constexpr):
+    """From t = dL/da: dz = t * a * (1 - a) (stored) and dL/dybn = hardswish'(ybn) * (W.T @ dz)."""
+    b = tl.program_id(0)
+    l = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)
+    k = tl.arange(0, KP)
+    ml, mk = l < L, k < K
+    rows3 = (l < H)[None, None, :]
+    acc = tl.zeros([KP, BLOCK_L], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        c = c0 + tl.arange(0, BLOCK_C)
+        m = (c < C)[:, None] & ml[None, :]
+        off = (b * C + c)[:, None] * L + l[None, :]
+        av = tl.load(a + off, mask=m, other=0.0)
+        d = tl.load(t + off, mask=m, other=0.0) * av * (1.0 - av)
+        tl.store(dz + off, d, mask=m)
+        wm = (c < C)[:, None, None] & mk[None, :, None]
+        woff = c[:, None, None] * K + k[None, :, None]
+        wsel = tl.where(rows3, tl.load(wh + woff, mask=wm, other=0.0), tl.load(ww + woff, mask=wm, other=0.0))
+        acc += tl.sum(wsel * d[:, None, :], 0)
+    m2 = mk[:, None] & ml[None, :]
+    off2 = (b * K + k)[:, None] * L + l[None, :]
+    v = tl.load(ybn + off2, mask=m2, other=0.0)
+    grad = tl.where(v < -3.0, 0.0, tl.where(v <= 3.0, acc * (v / 3.0 + 0.5), acc))
+    tl.store(dybn + off2, grad, mask=m2)
+
+
+def _blocks(c: int, k: int, length: int) -> Tuple[int, int]:
+    bl = min(common.pow2(length), 64)
+    return min(common.pow2(c), max(1, min(common._TILE, common.tile_budget()) // (common.pow2(k) * bl))), bl
 
 
 @torch.library.custom_op("scsa::ca_forward", mutates_args=())
@@ -34,9 +89,12 @@ def ca_forward(x: torch.Tensor, w1: torch.Tensor, bn_w: torch.Tensor, bn_b: torc
         stats = (None, None) if training else (running_mean, running_var)
         ybn, mean, invstd = torch.ops.aten.native_batch_norm(v, bn_w.float(), bn_b.float(), *stats, training, 0.0, eps)
         var = torch.var(v, dim=(0, 2)) if training else v.new_empty(0)
-        y = torch.nn.functional.hardswish(ybn)
-        a = torch.sigmoid(torch.cat([torch.baddbmm(bh.float()[:, None], wh.float().expand(b, -1, -1), y[..., :h]),
-                                     torch.baddbmm(bw.float()[:, None], ww.float().expand(b, -1, -1), y[..., h:])], 2))
+    k = w1.shape[0]
+    y, a = torch.empty_like(ybn), torch.empty_like(u)
+    bc, bl = _blocks(c, 1, h + w)
+    _gates_kernel[(b, triton.cdiv(c, bc), triton.cdiv(h + w, bl))](
+        ybn, wh.float().contiguous(), bh.float().contiguous(), ww.float().contiguous(), bw.float().contiguous(),
+        y, a, c, k, h, h + w, BLOCK_C=bc, BLOCK_L=bl)
     return common.scale_add(x, ah=a[..., :h], aw=a[..., h:]), u, v, mean, invstd, ybn, y, a, var
 
 
@@ -60,13 +118,15 @@ def ca_backward(dout: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, bn_w: tor
                                                                torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     b, c, h, w = x.shape
     t = common.strips(x, y=dout, gates=a)  # (B, C, H + W): dL/da_h then dL/da_w
+    k = w1.shape[0]
+    dz, dybn = torch.empty_like(t), torch.empty_like(ybn)
+    bc, bl = _blocks(c, k, h + w)
+    _gates_bwd_kernel[(b, triton.cdiv(h + w, bl))](t, a, ybn, wh.float().contiguous(), ww.float().contiguous(), dz,
+                                                  dybn, c, k, h, h + w, BLOCK_C=bc, KP=common.pow2(k), BLOCK_L=bl)
     with torch.autocast(x.device.type, enabled=False):
-        dz = t * a * (1 - a)
         dz_h, dz_w = dz[..., :h], dz[..., h:]
         dwh = torch.einsum("bch,bkh->ck", dz_h, y[..., :h])
         dww = torch.einsum("bcw,bkw->ck", dz_w, y[..., h:])
-        dy = torch.cat([torch.matmul(wh.float().t(), dz_h), torch.matmul(ww.float().t(), dz_w)], dim=2)
-        dybn = torch.ops.aten.hardswish_backward(dy, ybn)
         dv, dbn_w, dbn_b = torch.ops.aten.native_batch_norm_backward(
             dybn, v, bn_w.float(), running_mean, running_var, mean, invstd, training, eps, [True, True, True])
         dw1 = torch.einsum("bkl,bcl->kc", dv, u)
