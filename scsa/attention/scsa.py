@@ -12,6 +12,12 @@ tensor: ``_Smsa`` (strip means, the SMSA gates, ``x_s`` and PCSA's pooled map) a
 logits by hand inside ``_Smsa``, PCSA's channel attention in plain autograd between the two.
 The backward recovers every gate gradient from ``dout * out`` and the pooling's window
 sums, keeps no big intermediate from the forward, and builds dL/dx in one buffer.
+
+Three paths, one function: ``kernel`` picks the fused Triton kernels
+(``scsa.attention.kernels.scsa``: 10 launches and 8 passes over the map per forward +
+backward; the default on CUDA tensors), or the eager path above; under ``torch.compile`` the
+kernels are custom ops in the graph, and without them, or under export (ONNX,
+``torch.export``), a plain-op path runs that exporters and inductor can take.
 """
 from typing import Sequence, Tuple
 
@@ -237,6 +243,9 @@ class SCSA(nn.Module):
 
     ``window_size=-1`` pools globally, with the mean in either ``down_sample_mode`` (as the
     authors' code does). The output has the input's dtype and memory format.
+
+    ``kernel``: ``auto`` (Triton on CUDA tensors, the eager path on CPU), ``triton`` or
+    ``torch``; see ``scsa.attention.kernels``.
     """
 
     def __init__(
