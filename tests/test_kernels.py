@@ -11,8 +11,8 @@ defined, so without CUDA this module imports the kernel modules with it set, and
 it again while it runs (``use_triton`` checks it per call); other test modules see the
 environment unchanged. The modules import their kernels on first use, so nothing else has
 defined them before. Interpreted kernels are slow: tiny shapes, every test here but the
-counter's calibration is marked slow. The correctness tests also shrink the interpreter's
-tiles to 16 elements, so every kernel loop runs several iterations.
+counter's calibration is marked slow. One test shrinks the interpreter's tiles to 64 elements,
+so that every kernel loop runs several iterations.
 """
 import copy
 import importlib
@@ -45,7 +45,7 @@ if not ON_CUDA:
 CONFIGS = [("se", {}, 32), ("eca", {}, 32), ("eca", {"k_size": 5}, 32), ("cbam", {}, 32),
            ("cbam", {"kernel_size": 3}, 32), ("ca", {}, 32), ("ema", {}, 64), ("ema", {}, 96)]
 # (B, H, W, layout): odd sizes, H != W, maps smaller than CBAM's 7x7 and EMA's 3x3 windows, B=1
-SHAPES = [(2, 5, 7, "nchw"), (1, 4, 9, "cl"), (3, 1, 6, "cl"), (2, 2, 3, "strided")]
+SHAPES = [(2, 5, 7, "nchw"), (1, 4, 9, "cl"), (2, 1, 6, "cl"), (2, 2, 3, "strided")]
 EAGER_COUNTS = {"se": (15, 14), "eca": (11, 16), "cbam": (48, 41.5), "ca": (31, 28), "ema": (54, 76)}
 
 
@@ -120,8 +120,10 @@ def assert_matches(fast, ref, x, grad, tol):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
-@pytest.mark.parametrize("name, kwargs, channels", CONFIGS, ids=lambda v: str(v))
+@pytest.mark.parametrize("name, kwargs, channels, shape",
+                         [(*config, shape) for config in CONFIGS for shape in SHAPES
+                          if config != ("ema", {}, 96) or shape[3] == "nchw"],  # cg=3 twice: EMA is slow to interpret
+                         ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v))
 def test_triton_equals_eager_in_fp32(name, kwargs, channels, shape):
     torch.manual_seed(0)
     b, h, w, layout = shape
