@@ -324,9 +324,14 @@ def strips(x: torch.Tensor, y: Optional[torch.Tensor] = None, gates: Optional[to
     return out
 
 
+_MLP_WARPS = 8  # the weight-gradient kernel holds two (BLOCK_K, R) fp32 accumulators
+
+
 def _mlp_blocks(c: int, r: int) -> Tuple[int, int, int]:
-    """(BLOCK_B, BLOCK_K, BLOCK_R): tl.dot needs every side at least 16."""
-    return 16, max(16, min(64, pow2(c), tile_budget())), max(16, pow2(r))
+    """(BLOCK_B, BLOCK_K, BLOCK_R): tl.dot needs every side at least 16; BLOCK_K shrinks as R grows,
+    keeping the accumulators within registers."""
+    br = max(16, pow2(r))
+    return 16, max(16, min(64, 8192 // br, pow2(c), tile_budget())), br
 
 
 def mlp_forward(s: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -336,7 +341,8 @@ def mlp_forward(s: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> Tuple[to
     hid = torch.empty(p, b, r, dtype=torch.float32, device=s.device)
     a = torch.empty(b, c, dtype=torch.float32, device=s.device)
     bb, bk, br = _mlp_blocks(c, r)
-    _mlp_fwd_kernel[(triton.cdiv(b, bb),)](s, w1, w2, hid, a, b, c, r, P=p, BLOCK_B=bb, BLOCK_K=bk, BLOCK_R=br)
+    _mlp_fwd_kernel[(triton.cdiv(b, bb),)](s, w1, w2, hid, a, b, c, r, P=p, BLOCK_B=bb, BLOCK_K=bk, BLOCK_R=br,
+                                          num_warps=_MLP_WARPS)
     return hid, a
 
 
@@ -351,9 +357,9 @@ def mlp_backward(t: torch.Tensor, a: torch.Tensor, s: torch.Tensor, hid: torch.T
     dw2 = torch.empty(c, r, dtype=torch.float32, device=s.device)
     bb, bk, br = _mlp_blocks(c, r)
     _mlp_bwd_h_kernel[(triton.cdiv(b, bb),)](t, a, hid, w1, w2, dhid, ds, b, c, r, P=p,
-                                              BLOCK_B=bb, BLOCK_K=bk, BLOCK_R=br)
+                                              BLOCK_B=bb, BLOCK_K=bk, BLOCK_R=br, num_warps=_MLP_WARPS)
     _mlp_bwd_w_kernel[(triton.cdiv(c, bk),)](t, a, s, hid, dhid, dw1, dw2, b, c, r, P=p,
-                                              BLOCK_B=bb, BLOCK_K=bk, BLOCK_R=br)
+                                              BLOCK_B=bb, BLOCK_K=bk, BLOCK_R=br, num_warps=_MLP_WARPS)
     return ds, dw1, dw2
 
 
