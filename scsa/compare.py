@@ -155,8 +155,8 @@ def _header(rows: List[Dict[str, Any]], throughput_note: str) -> List[str]:
     methods = sorted({row["delta_method"] for row in rows if row["delta_method"]})
     how = {"paired": "paired t over the seeds both groups ran", "welch": "Welch's t (the seeds differ)"}
     return [
-        f"Runs grouped by their config except the seed (and where/how they ran): n runs per row. "
-        f"Top-1/Top-5: the best val epoch (best.pt), mean ± sample std over the seeds; final: the last epoch.",
+        "Runs grouped by their config except the seed (and where/how they ran): n runs per row. "
+        "Top-1/Top-5: the best val epoch (best.pt), mean ± sample std over the seeds; final: the last epoch.",
         f"Δ: mean difference to `none` of the same model and recipe, [95 % CI] "
         f"({'; '.join(how[m] for m in methods) if methods else 'needs 2+ runs per group'}; scipy.stats).",
         f"FLOPs: multiply-accumulates per image at the run's resolution. Throughput: {throughput_note}.",

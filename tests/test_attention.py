@@ -10,17 +10,10 @@ import torch.nn.functional as F
 from reference_scsa import ReferenceSCSA
 from scsa.attention import CBAM, ECA, EMA, SCSA, SE, CoordAttention, create_attention, list_attentions
 from scsa.attention.eca import eca_kernel_size
+from weights import randomize
 
 NAMES = ["scsa", "se", "cbam", "eca", "ca", "ema"]
 
-
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-default weights (init leaves e.g. GroupNorm at 1/0), so every parameter matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
-    return module
 
 
 def forward_backward(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):

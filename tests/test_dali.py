@@ -1,5 +1,4 @@
 """DALI loaders on CPU (device_id=None): shapes, labels, sharding, resume, bad files."""
-import collections
 import io
 from pathlib import Path
 

@@ -26,6 +26,7 @@ import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from counting import count
+from weights import randomize
 from scsa.attention import create_attention
 
 pytest.importorskip("triton")
@@ -54,14 +55,6 @@ def _interpret(monkeypatch):
     if not ON_CUDA:
         monkeypatch.setenv("TRITON_INTERPRET", "1")
 
-
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-default weights (init leaves e.g. norms at 1/0), so every parameter matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
-    return module
 
 
 def pair(name: str, channels: int, **kwargs):

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 
 from counting import count
 from reference_scsa import ReferenceSCSA
+from weights import randomize
 from scsa.attention import SCSA
 from scsa.attention.kernels import interpreting, triton_available
 
@@ -24,14 +25,6 @@ from scsa.attention.kernels import scsa as kernels  # noqa: E402  (imports trito
 
 pytestmark = pytest.mark.slow
 
-
-def randomize(module: nn.Module, seed: int = 0) -> nn.Module:
-    """Non-default weights (init leaves e.g. GroupNorm at 1/0), so every parameter matters."""
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.5 + (1.0 if p.dim() == 1 else 0.0))
-    return module
 
 
 def pair(c: int, shape=None, **kwargs):

@@ -4,15 +4,14 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from scsa.engine.checkpoint import keep_epoch_copy, load_checkpoint, previous_path, save_atomic
 from data.dali import dali_available
+from scsa.engine.checkpoint import keep_epoch_copy, load_checkpoint, previous_path, save_atomic
 from scsa.errors import EXIT_PREEMPTED, UserError
 from scsa.trained import load_trained
 
