@@ -72,7 +72,8 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         model.to(device, memory_format=torch.channels_last if cfg.trainer.channels_last else torch.preserve_format)
 
         resume_from = find_resume(str(cfg.resume), checkpoint_dir, log.warning)
-        tracker = start_tracking(cfg, run_dir, dist_info.is_main, resume_from[1].get("wandb_run_id") if resume_from else None)
+        wandb_run_id = resume_from[1].get("wandb_run_id") if resume_from else None
+        tracker = start_tracking(cfg, run_dir, dist_info.is_main, wandb_run_id)
         global_batch = cfg.data.batch_size * dist_info.world_size * loop.accum_steps
         lr = recipe.scaled_lr(cfg.optim, global_batch)
         optimizer = recipe.build_optimizer(cfg.optim, model, lr)
@@ -83,9 +84,10 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
                 "params": params, "flops": macs, "wandb_run_id": tracker.wandb.run_id}
         trainer = Trainer(loop, model=model, optimizer=optimizer, scheduler=scheduler,
                           criterion=recipe.build_criterion(cfg.trainer.label_smoothing, mixup),
-                          train_loader=loaders.train, val_loader=loaders.val, precision=Precision(cfg.trainer.amp, device),
-                          dist=dist_info, device=device, tracker=tracker, checkpoint_dir=checkpoint_dir, meta=meta,
-                          mixup=mixup, ema=recipe.build_model_ema(cfg.trainer, model))
+                          train_loader=loaders.train, val_loader=loaders.val,
+                          precision=Precision(cfg.trainer.amp, device), dist=dist_info, device=device, tracker=tracker,
+                          checkpoint_dir=checkpoint_dir, meta=meta, mixup=mixup,
+                          ema=recipe.build_model_ema(cfg.trainer, model))
         if resume_from:
             trainer.resume(*resume_from)
         trainer.wrap()

@@ -35,8 +35,8 @@ class WandbRun:
         # an offline run online. finish_previous: Hydra multirun runs its jobs in one process, and
         # the default ("return_previous") would hand a job the run of the one before if that one
         # died unfinished.
-        self._run = wandb.init(project=project, name=name, group=group, tags=list(tags), config=config, dir=str(run_dir),
-                               mode=mode, id=run_id, resume="allow" if run_id else None,
+        self._run = wandb.init(project=project, name=name, group=group, tags=list(tags), config=config,
+                               dir=str(run_dir), mode=mode, id=run_id, resume="allow" if run_id else None,
                                reinit="finish_previous",
                                settings=wandb.Settings(silent=True, console="off"))  # train.log has the console
         self._run_id = self._run.id

@@ -35,5 +35,6 @@ class CBAM(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_triton(self.kernel, x):
             from scsa.attention.kernels.cbam import cbam  # Triton kernels are defined on first use
-            return cbam(x, self.channel.fc1.weight.flatten(1), self.channel.fc2.weight.flatten(1), self.spatial.conv.weight)
+            return cbam(x, self.channel.fc1.weight.flatten(1), self.channel.fc2.weight.flatten(1),
+                        self.spatial.conv.weight)
         return self.spatial(self.channel(x))
