@@ -92,10 +92,9 @@ def _step_builder(group: Group, num_classes: int, image_size: int, settings: Thr
                   device: torch.device) -> Callable[[], Callable[[], None]]:
     """Builds the group's own model (attention options, class count) into a benchmark step."""
     config = group.runs[0].config
-    attention = {**config["attention"], "kwargs": {**config["attention"].get("kwargs", {}), "kernel": "auto"}}
 
     def build() -> Callable[[], None]:
-        model = create_model_from_config(config["model"], attention, num_classes)
+        model = create_model_from_config(config["model"], config["attention"], num_classes, kernel="auto")
         return training_step(model, settings.amp, settings.channels_last, False, settings.batch_size, image_size,
                              device, num_classes)
     return build

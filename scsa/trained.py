@@ -34,7 +34,6 @@ def load_trained(path: str, ema: bool = False, kernel: str = "auto") -> TrainedM
     if ema and "model_ema" not in checkpoint:
         raise UserError(f"'{path}' holds no EMA weights: train with trainer.model_ema=true, or drop ema=true")
     config = checkpoint["config"]
-    attention = {**config["attention"], "kwargs": {**config["attention"]["kwargs"], "kernel": kernel}}
-    model = create_model_from_config(config["model"], attention, len(checkpoint["classes"]))
+    model = create_model_from_config(config["model"], config["attention"], len(checkpoint["classes"]), kernel)
     model.load_state_dict(checkpoint["model_ema" if ema else "model"])
     return TrainedModel(model.eval(), config, list(checkpoint["classes"]), checkpoint)

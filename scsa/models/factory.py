@@ -30,7 +30,13 @@ def create_model(name: str, attention: str = "none", num_classes: int = 1000,
     return build_resnet(name, attn_layer, position, num_classes, **extra)
 
 
-def create_model_from_config(model: Mapping[str, Any], attention: Mapping[str, Any], num_classes: int) -> nn.Module:
-    """``create_model`` from the ``model`` and ``attention`` config groups (a run's, or a checkpoint's)."""
+def create_model_from_config(model: Mapping[str, Any], attention: Mapping[str, Any], num_classes: int,
+                             kernel: Optional[str] = None) -> nn.Module:
+    """``create_model`` from the ``model`` and ``attention`` config groups (a run's, or a checkpoint's).
+
+    ``kernel`` replaces the attention kernel the config names: where a trained model runs now is
+    the caller's choice, not the run's.
+    """
+    kwargs = {**attention["kwargs"], **({"kernel": kernel} if kernel else {})}
     return create_model(model["name"], attention["name"], num_classes=num_classes, position=attention["position"],
-                        drop_rate=model["drop_rate"], **attention["kwargs"])
+                        drop_rate=model["drop_rate"], **kwargs)
