@@ -5,9 +5,9 @@ last stdout line, one JSON object with top1, top5, loss, images, params and flop
 image at the evaluation resolution), and with throughput=true img_per_s (inference on
 synthetic batches of data.batch_size). Only the data's ``val/`` folder is read.
 ``python evaluate.py compare=MULTIRUN_DIR`` groups the sweep's runs by everything but the seed and
-writes comparison.{md,csv,tex,png} into that folder (``scsa.compare``), then prints the table.
+writes comparison.{md,csv,tex,png} into that folder (``scsa.analysis.compare``), then prints the table.
 ``python evaluate.py cam=MULTIRUN_DIR images=8`` draws Grad-CAM maps (``cam.gate=true``: the
-modules' spatial gates) of the val images for each group's model into DIR/cam.png (``scsa.cam``).
+modules' spatial gates) of the val images for each group's model into DIR/cam.png (``scsa.analysis.cam``).
 ``python evaluate.py checkpoint=PATH export=safetensors|onnx [export.out=DIR]`` writes the model in
 timm's hub layout or as ONNX, checks it, and prints a JSON summary as its last line (``scsa.export``).
 """
@@ -19,16 +19,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-import scsa.config  # noqa: F401  (registers the resolvers conf/ uses)
+import scsa.training.config  # noqa: F401  (registers the resolvers conf/ uses)
 from data import build_loaders, val_sample
-from scsa.benchmark import inference_throughput
-from scsa.cli import hydra_entry_point, run_task
-from scsa.cam import checkpoint_columns, sweep_columns, write_cam
-from scsa.compare import Throughput, write_comparison
+from scsa.analysis.benchmark import inference_throughput
+from scsa.training.cli import hydra_entry_point, run_task
+from scsa.analysis.cam import checkpoint_columns, sweep_columns, write_cam
+from scsa.analysis.compare import Throughput, write_comparison
 from scsa.complexity import count_macs, count_params
-from scsa.engine import distributed
-from scsa.engine.evaluator import evaluate
-from scsa.engine.precision import Precision
+from scsa.training import distributed
+from scsa.training.evaluator import evaluate
+from scsa.training.precision import Precision
 from scsa.errors import UserError
 from scsa.export import VerificationError, export_checkpoint
 from scsa.trained import load_trained

@@ -1,6 +1,6 @@
 """Train a backbone with a plug-in attention module: ``python train.py [overrides]``.
 
-config (conf/) -> data (data/) -> model (scsa.models) -> engine (scsa/engine)
+config (conf/) -> data (data/) -> model (scsa.models) -> engine (scsa/training)
 -> run dir (train.log, metrics.jsonl, W&B, checkpoints/).
 """
 import logging
@@ -14,19 +14,19 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from timm.utils import random_seed
 
-import scsa.config  # noqa: F401  (registers the resolvers conf/ uses)
+import scsa.training.config  # noqa: F401  (registers the resolvers conf/ uses)
 from data import build_loaders
-from scsa.cli import hydra_entry_point, run_task
+from scsa.training.cli import hydra_entry_point, run_task
 from scsa.complexity import count_macs, count_params
-from scsa.engine import distributed, recipe
-from scsa.engine.checkpoint import find_resume
-from scsa.engine.precision import Precision, configure_backends
-from scsa.engine.preemption import Preempted
-from scsa.engine.trainer import Trainer, TrainerConfig, updates_per_epoch
+from scsa.training import distributed, recipe
+from scsa.training.checkpoint import find_resume
+from scsa.training.precision import Precision, configure_backends
+from scsa.training.preemption import Preempted
+from scsa.training.trainer import Trainer, TrainerConfig, updates_per_epoch
 from scsa.errors import UserError
 from scsa.models import create_model_from_config
-from scsa.tracking import Tracker
-from scsa.wandb_run import WandbRun
+from scsa.training.tracking import Tracker
+from scsa.training.wandb_run import WandbRun
 
 log = logging.getLogger("train")
 

@@ -26,7 +26,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from data import build_loaders
-from scsa.benchmark import cpu_model
+from scsa.analysis.benchmark import cpu_model
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = REPO / "data" / "sample" / "train"

@@ -27,7 +27,7 @@ if not torch.cuda.is_available():
 
 from counting import count  # noqa: E402
 from scsa.attention import create_attention, default_position  # noqa: E402
-from scsa.benchmark import device_name  # noqa: E402
+from scsa.analysis.benchmark import device_name  # noqa: E402
 
 STAGES = ((64, 56), (128, 28), (256, 14), (512, 7))  # (bottleneck width, map side)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -26,7 +26,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from reference_scsa import ReferenceSCSA  # noqa: E402
 import scsa  # noqa: E402
 from scsa.attention import SCSA, register_attention  # noqa: E402
-from scsa.benchmark import cpu_model  # noqa: E402
+from scsa.analysis.benchmark import cpu_model  # noqa: E402
 
 STAGE_SHAPES = [(32, 64, 56, 56), (32, 128, 28, 28), (32, 256, 14, 14), (32, 512, 7, 7)]
 PRECISIONS = ("fp32", "bf16")

@@ -40,7 +40,7 @@ GATE="triton_attention or auto_kernel or on_cuda or budget or fast_scsa"
 step 100 gate_tests.log python3 -m pytest "${TESTS[@]}" -q -p no:cacheprovider -k "$GATE"
 step 90 modules.log python3 benchmarks/bench_modules.py --batch-size 256 --amp bf16 --warmup 2 --iters 5 --rounds 3 \
   --out "$OUT/modules.json"
-BENCH=(python3 -m scsa.benchmark --models resnet50 --amp bf16 --batch-size 256 --channels-last true --warmup 6
+BENCH=(python3 -m scsa.analysis.benchmark --models resnet50 --amp bf16 --batch-size 256 --channels-last true --warmup 6
        --steps 6 --rounds 3)
 step 120 throughput_eager.log "${BENCH[@]}" --attentions none,scsa,se,eca,cbam,ca,ema --kernels torch,triton \
   --compile false --out "$OUT/throughput_eager.json"

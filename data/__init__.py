@@ -2,7 +2,7 @@
 
 Either backend (DALI or torchvision) reads the same file list and yields uint8 batches on the
 device; ``DeviceLoader`` turns them into what the engine's ``Loader`` contract promises
-(``scsa.engine.loader``). Validation shards cover every image exactly once.
+(``scsa.training.loader``). Validation shards cover every image exactly once.
 """
 import statistics
 from dataclasses import dataclass
@@ -17,7 +17,7 @@ from PIL import Image
 from data.device import DeviceLoader, normalise
 from data.folder import check_dataset_root, list_images
 from data.torch_loader import build_torch_loader, val_transform
-from scsa.engine.loader import Loader
+from scsa.training.loader import Loader
 from scsa.errors import UserError
 
 BACKENDS = ("auto", "dali", "torch")

@@ -10,7 +10,7 @@ from typing import Dict, Iterator, Optional, Sequence, Tuple
 import torch
 from timm.data.random_erasing import RandomErasing
 
-from scsa.engine.loader import Loader
+from scsa.training.loader import Loader
 
 
 def normalise(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:

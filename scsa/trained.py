@@ -1,14 +1,17 @@
-"""A trained model back from a train.py checkpoint: weights, run config and class names.
+"""A trained model back from a train.py checkpoint (loaded weights-only): weights, run config, class names.
 
 What scoring, exporting and attention maps all start from, so each of them reads a
 checkpoint the same way.
 """
+import pickle
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Dict, List
 
+import torch
 import torch.nn as nn
 
-from scsa.engine.checkpoint import load_checkpoint
 from scsa.errors import UserError
 from scsa.models import create_model_from_config
 
@@ -19,6 +22,20 @@ class TrainedModel:
     config: Dict[str, Any]    # the run's resolved config (model, attention, data, ...)
     classes: List[str]        # label order of the training data
     checkpoint: Dict[str, Any]
+
+
+def load_checkpoint(path: str) -> Dict[str, Any]:
+    """Load with ``weights_only=True``: tensors and plain containers only, never code."""
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint '{path}' not found: pass the path of a .pt file written by train.py")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise UserError(f"checkpoint '{path}' holds objects that are not plain weights and was refused "
+                        f"({str(e).splitlines()[0][:120]}): only load checkpoints you trust") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise UserError(f"checkpoint '{path}' is truncated or corrupt ({str(e).splitlines()[0][:120]}): "
+                        f"use another checkpoint, e.g. best.pt, or retrain") from None
 
 
 def load_trained(path: str, ema: bool = False, kernel: str = "auto") -> TrainedModel:

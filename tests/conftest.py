@@ -22,8 +22,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-import scsa.config  # noqa: F401  (registers the resolvers conf/ uses)
-from scsa.cli import CONFIG_DIR
+import scsa.training.config  # noqa: F401  (registers the resolvers conf/ uses)
+from scsa.training.cli import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample"

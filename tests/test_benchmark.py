@@ -1,4 +1,4 @@
-"""scsa.benchmark's configuration grid (the attention kernel as one of its dimensions), and the GPU script."""
+"""scsa.analysis.benchmark's configuration grid (the attention kernel as one of its dimensions), and the GPU script."""
 import argparse
 import os
 import re
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-import scsa.benchmark as benchmark
+import scsa.analysis.benchmark as benchmark
 
 
 def test_kernels_are_a_configuration_dimension(monkeypatch):

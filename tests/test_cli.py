@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from scsa.cli import check_overrides, run_task
-from scsa.engine.precision import Precision
+from scsa.training.cli import check_overrides, run_task
+from scsa.training.precision import Precision
 from scsa.errors import EXIT_USER_ERROR, UserError
 from scsa.models import create_model_from_config
 from scsa.trained import load_trained

@@ -16,12 +16,12 @@ from PIL import Image
 from scipy import stats as scipy_stats
 
 from data import val_sample
-from scsa import stats
-from scsa.cam import (CELL_INCHES, DPI, checkpoint_columns, gate_of, last_attention_block, last_stage,
+from scsa.analysis import stats
+from scsa.analysis.cam import (CELL_INCHES, DPI, checkpoint_columns, gate_of, last_attention_block, last_stage,
                       spatial_gate, write_cam)
-from scsa.cli import expand_shorthands
-from scsa.compare import CSV_FIELDS, comparison_rows, write_comparison
-from scsa.runs import baseline, find_runs, group_runs, recipe
+from scsa.training.cli import expand_shorthands
+from scsa.analysis.compare import CSV_FIELDS, comparison_rows, write_comparison
+from scsa.analysis.runs import baseline, find_runs, group_runs, recipe
 
 
 def make_run(sweep: Path, name: str, attention: str, seed: Optional[int], top1: List[float],
@@ -161,7 +161,7 @@ def test_a_run_without_metrics_is_skipped_with_a_one_line_warning(tmp_path, capl
     make_run(tmp_path, "0", "none", 0, [50.0])
     crashed = make_run(tmp_path, "1", "none", 1, [51.0])
     (crashed / "metrics.jsonl").unlink()
-    with caplog.at_level(logging.WARNING, logger="scsa.runs"):
+    with caplog.at_level(logging.WARNING, logger="scsa.analysis.runs"):
         [row], _ = comparison_rows(tmp_path)
     assert row["n"] == 1 and row["runs"] == "0"
     [warning] = [r.getMessage() for r in caplog.records]
@@ -289,7 +289,7 @@ def test_two_attentions_two_seeds_sweep_then_compare_and_cam(tmp_path, tiny_data
     assert float(scsa_row["delta_best_top1_low"]) <= float(scsa_row["delta_best_top1"]) <= float(
         scsa_row["delta_best_top1_high"])
     assert all(float(r["img_per_s"]) > 0 for r in rows)
-    assert "scsa.benchmark` steps on" in (sweep / "comparison.md").read_text()
+    assert "scsa.analysis.benchmark` steps on" in (sweep / "comparison.md").read_text()
 
     drawn = run_cli(["evaluate.py", f"cam={sweep}", "images=3"])
     assert drawn.returncode == 0, drawn.stderr[-3000:]

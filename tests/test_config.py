@@ -6,7 +6,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import scsa
 from scsa.attention import default_position, list_attentions
-from scsa.engine.recipe import scaled_lr
+from scsa.training.recipe import scaled_lr
 from scsa.models import MODELS, create_model_from_config
 
 MEAN, STD = [255 * m for m in IMAGENET_DEFAULT_MEAN], [255 * s for s in IMAGENET_DEFAULT_STD]

@@ -14,7 +14,7 @@ import torch
 from omegaconf import OmegaConf
 
 from data import build_loaders
-from scsa.engine.checkpoint import load_checkpoint
+from scsa.training.checkpoint import load_checkpoint
 
 
 @pytest.mark.slow

@@ -6,7 +6,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import scsa
-from scsa.engine.precision import Precision
+from scsa.training.precision import Precision
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 ATTENTIONS = ("none", "scsa", "se", "cbam", "eca", "ca", "ema")

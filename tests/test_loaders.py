@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 
 from data import build_loaders
 from data.dali import dali_available
-from scsa.engine.rng import get_rng_state, set_rng_state
+from scsa.training.rng import get_rng_state, set_rng_state
 from scsa.errors import UserError
 
 CPU = torch.device("cpu")

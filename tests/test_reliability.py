@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from data.dali import dali_available
-from scsa.engine.checkpoint import keep_epoch_copy, load_checkpoint, previous_path, save_atomic
+from scsa.training.checkpoint import keep_epoch_copy, load_checkpoint, previous_path, save_atomic
 from scsa.errors import EXIT_PREEMPTED, UserError
 from scsa.trained import load_trained
 

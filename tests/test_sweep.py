@@ -5,7 +5,7 @@ import json
 import pytest
 from PIL import Image
 
-from scsa.cam import CELL_INCHES, DPI
+from scsa.analysis.cam import CELL_INCHES, DPI
 
 
 ATTENTIONS = ["none", "se", "cbam", "eca", "ca", "ema", "scsa"]

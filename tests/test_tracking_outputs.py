@@ -13,7 +13,7 @@ from typing import Any, Dict, List
 
 import pytest
 
-from scsa.plots import plot_curves
+from scsa.analysis.plots import plot_curves
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -38,7 +38,7 @@ def test_plot_curves_writes_png(tmp_path):
 
 def test_disabled_wandb_run_is_a_noop_that_never_imports_wandb(monkeypatch, tmp_path):
     # sys.modules can't tell (timm imports wandb when it can), so make wandb unimportable instead
-    from scsa.wandb_run import WandbRun
+    from scsa.training.wandb_run import WandbRun
 
     monkeypatch.setitem(sys.modules, "wandb", None)
     for run in (WandbRun("disabled", "p", tmp_path / "run", {}, "n", []),
@@ -51,7 +51,7 @@ def test_disabled_wandb_run_is_a_noop_that_never_imports_wandb(monkeypatch, tmp_
 
 
 def test_unknown_wandb_mode_is_refused():
-    from scsa.wandb_run import WandbRun
+    from scsa.training.wandb_run import WandbRun
 
     with pytest.raises(ValueError, match="not one of offline, online, disabled"):
         WandbRun("dryrun", "p", Path("unused"), {}, "n", [])
@@ -73,7 +73,7 @@ def wandb_env(tmp_path) -> Dict[str, str]:
 LOG_AND_RESUME = """
     import sys
     from pathlib import Path
-    from scsa.wandb_run import WandbRun
+    from scsa.training.wandb_run import WandbRun
     run_id = None
     for first_step in (0, 2):
         run = WandbRun("offline", "scsa-test", Path(sys.argv[1]), {"lr": 0.1, "model": {"name": "resnet18"}},

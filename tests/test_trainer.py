@@ -6,14 +6,14 @@ import pytest
 import torch
 import torch.nn as nn
 
-from scsa.engine.distributed import DistInfo
-from scsa.engine.precision import Precision
-from scsa.engine.preemption import PreemptionWatcher
-from scsa.engine.recipe import build_scheduler
-from scsa.engine.trainer import Trainer, TrainerConfig
+from scsa.training.distributed import DistInfo
+from scsa.training.precision import Precision
+from scsa.training.preemption import PreemptionWatcher
+from scsa.training.recipe import build_scheduler
+from scsa.training.trainer import Trainer, TrainerConfig
 from scsa.errors import UserError
-from scsa.tracking import Tracker
-from scsa.wandb_run import WandbRun
+from scsa.training.tracking import Tracker
+from scsa.training.wandb_run import WandbRun
 
 
 class FixedBatches:

@@ -13,7 +13,7 @@ from data.dali import build_dali_loader, dali_available
 from data.device import DeviceLoader
 from data.folder import list_images
 from data.torch_loader import ImageList, build_torch_loader, train_transform
-from scsa.engine.recipe import build_mixup
+from scsa.training.recipe import build_mixup
 from scsa.errors import UserError
 from scsa.trained import load_trained
 

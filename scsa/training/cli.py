@@ -13,10 +13,10 @@ from hydra._internal.utils import get_args_parser
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf.errors import OmegaConfBaseException
 
-from scsa.engine.preemption import Preempted
+from scsa.training.preemption import Preempted
 from scsa.errors import EXIT_PREEMPTED, exit_on_user_error, fail
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
 def check_overrides(config_name: str, argv: List[str]) -> None:

@@ -20,16 +20,16 @@ from timm.data import Mixup
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 
-from scsa.engine import distributed
-from scsa.engine.checkpoint import keep_epoch_copy, save_atomic
-from scsa.engine.distributed import DistInfo
-from scsa.engine.evaluator import evaluate
-from scsa.engine.loader import Loader
-from scsa.engine.precision import Precision
-from scsa.engine.preemption import Preempted, PreemptionWatcher
-from scsa.engine.rng import get_rng_state, set_rng_state
+from scsa.training import distributed
+from scsa.training.checkpoint import keep_epoch_copy, save_atomic
+from scsa.training.distributed import DistInfo
+from scsa.training.evaluator import evaluate
+from scsa.training.loader import Loader
+from scsa.training.precision import Precision
+from scsa.training.preemption import Preempted, PreemptionWatcher
+from scsa.training.rng import get_rng_state, set_rng_state
 from scsa.errors import UserError
-from scsa.tracking import Throughput, Tracker
+from scsa.training.tracking import Throughput, Tracker
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from scsa.engine.distributed import all_reduce_sum
+from scsa.training.distributed import all_reduce_sum
 
 
 class ClassificationMeter:

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from scsa.engine.metrics import ClassificationMeter
-from scsa.engine.precision import Precision
+from scsa.training.metrics import ClassificationMeter
+from scsa.training.precision import Precision
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """Training throughput on synthetic data: img/s and peak memory per configuration.
 
-    python -m scsa.benchmark --models resnet50 --attentions none,se,scsa --amp bf16 \
+    python -m scsa.analysis.benchmark --models resnet50 --attentions none,se,scsa --amp bf16 \
         --batch-size 256 --channels-last true --compile false,true --kernels torch,triton --out throughput.json
 
 Configurations are timed in interleaved rounds (a noisy machine slows all of them alike)
@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 
 import scsa
-from scsa.engine.distributed import pick_device
+from scsa.training.distributed import pick_device
 from scsa.attention.kernels import KERNELS
-from scsa.engine.precision import Precision, configure_backends
+from scsa.training.precision import Precision, configure_backends
 
 
 def bools(text: str) -> List[bool]:

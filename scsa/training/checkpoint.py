@@ -1,15 +1,14 @@
 """Checkpoints: atomic writes and safe (weights-only) loads."""
 import os
-import pickle
 import shutil
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from scsa.errors import UserError
+from scsa.trained import load_checkpoint
 
 
 def previous_path(path: Path) -> Path:
@@ -66,20 +65,6 @@ def load_latest(candidates: List[Path], warn: Callable[[str], None]) -> Optional
             except UserError as e:
                 warn(f"skipping {e}")
     return None
-
-
-def load_checkpoint(path: str) -> Dict[str, Any]:
-    """Load with ``weights_only=True``: tensors and plain containers only, never code."""
-    if not Path(path).is_file():
-        raise UserError(f"checkpoint '{path}' not found: pass the path of a .pt file written by train.py")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise UserError(f"checkpoint '{path}' holds objects that are not plain weights and was refused "
-                        f"({str(e).splitlines()[0][:120]}): only load checkpoints you trust") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise UserError(f"checkpoint '{path}' is truncated or corrupt ({str(e).splitlines()[0][:120]}): "
-                        f"use another checkpoint, e.g. best.pt, or retrain") from None
 
 
 def find_resume(resume: str, checkpoint_dir: Path, warn: Callable[[str], None]

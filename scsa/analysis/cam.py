@@ -3,7 +3,7 @@
 ``python evaluate.py cam=SWEEP_DIR images=8`` draws one grid: the same val images as rows,
 one column per model, each cell the map over the image with the predicted class and its
 probability. For a sweep a column is a group of runs that differ only by seed
-(``scsa.runs``), drawn from its lowest seed's ``best.pt``: one column per recipe keeps seven
+(``scsa.analysis.runs``), drawn from its lowest seed's ``best.pt``: one column per recipe keeps seven
 attentions readable, and the lowest seed pairs the columns by seed; ``cam.checkpoints=[...]``
 names the checkpoints (one column each) instead, e.g. every seed of one attention.
 
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 from scsa.attention import CBAM, EMA, SCSA, CoordAttention
-from scsa.runs import find_runs, group_runs
+from scsa.analysis.runs import find_runs, group_runs
 from scsa.trained import TrainedModel, load_trained
 
 log = logging.getLogger(__name__)

@@ -11,8 +11,8 @@ from typing import Any, Dict, Optional
 
 from tqdm import tqdm
 
-from scsa.plots import plot_curves
-from scsa.wandb_run import WandbRun, gpu_memory_gib
+from scsa.analysis.plots import plot_curves
+from scsa.training.wandb_run import WandbRun, gpu_memory_gib
 
 log = logging.getLogger("train")
 

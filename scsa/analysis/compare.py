@@ -2,13 +2,13 @@
 
 Each row: the SCSA paper's columns first (Params, FLOPs, Throughput, Top-1, Top-5), then the
 difference to the ``none`` group of the same model and recipe with its 95 % interval
-(``scsa.stats``), final-epoch accuracy, peak memory and the run count. Written into the
+(``scsa.analysis.stats``), final-epoch accuracy, peak memory and the run count. Written into the
 sweep dir as comparison.md, .csv (raw numbers), .tex (booktabs) and .png (bars with error bars).
 
 Accuracy comes from what runs leave on disk (``metrics.jsonl``), so finished, crashed and
 still-running sweeps all compare. Throughput does not: the per-epoch img/s of a run mixes
 in its input pipeline and whatever else the machine did meanwhile, so every group's model
-is timed again here with ``scsa.benchmark`` (synthetic data, one batch size and precision
+is timed again here with ``scsa.analysis.benchmark`` (synthetic data, one batch size and precision
 for all, interleaved rounds, medians).
 """
 import csv
@@ -19,12 +19,12 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from scsa import stats
-from scsa.benchmark import device_name, interleaved, training_step
-from scsa.engine.distributed import pick_device
+from scsa.analysis import stats
+from scsa.analysis.benchmark import device_name, interleaved, training_step
+from scsa.training.distributed import pick_device
 from scsa.models import create_model_from_config
-from scsa.plots import plot_comparison
-from scsa.runs import Group, Run, baseline, find_runs, group_runs
+from scsa.analysis.plots import plot_comparison
+from scsa.analysis.runs import Group, Run, baseline, find_runs, group_runs
 
 METRICS = ("best_top1", "best_top5", "final_top1", "final_top5")
 DELTAS = ("best_top1", "final_top1")  # metrics whose difference to `none` gets an interval
@@ -111,7 +111,7 @@ def measure_throughput(groups: List[Group], rows: List[Dict[str, Any]], settings
     for row, (seconds, peak) in zip(rows, timings):
         row["img_per_s"], row["peak_mem_gib"] = settings.batch_size / seconds, peak
     amp = settings.amp if settings.amp != "auto" else ("bf16" if device.type == "cuda" else "none")
-    return (f"training img/s of `scsa.benchmark` steps on {device_name(device)}, torch {torch.__version__}: "
+    return (f"training img/s of `scsa.analysis.benchmark` steps on {device_name(device)}, torch {torch.__version__}: "
             f"synthetic batch {settings.batch_size} at {'/'.join(str(s) for s in sorted(set(sizes)))} px, "
             f"amp {amp}, channels_last {settings.channels_last}, SGD; {settings.warmup} warm-up steps, then "
             f"the median of {settings.rounds} interleaved rounds of {settings.steps} steps"

@@ -14,8 +14,8 @@ from typing import Any, Dict, List, Mapping, Optional
 
 from omegaconf import OmegaConf
 
-import scsa.config  # noqa: F401  (registers the resolvers that run configs use)
-from scsa.plots import read_metrics
+import scsa.training.config  # noqa: F401  (registers the resolvers that run configs use)
+from scsa.analysis.plots import read_metrics
 
 log = logging.getLogger(__name__)
 

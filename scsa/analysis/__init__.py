@@ -1,0 +1,1 @@
+"""Analysis of trained runs: comparisons over seeds, attention maps, throughput, checkpoint loading."""

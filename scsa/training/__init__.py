@@ -1,0 +1,1 @@
+"""Training: the loop, checkpoints, distributed glue, tracking and the command-line glue."""
