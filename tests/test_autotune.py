@@ -312,8 +312,9 @@ def test_two_gloo_ranks_make_the_same_choice(tmp_path):
     mp.start_processes(_spawned, args=(port, outs), nprocs=2, start_method="spawn")
     rank0, rank1 = (json.loads(Path(p).read_text()) for p in outs)
     assert [d["chosen"] for d in rank0] == [d["chosen"] for d in rank1] == ["triton", "torch"]
-    assert rank1[0]["ms"] == {"triton": 2.0, "torch": 1.0} and rank1[0]["reason"] == "rank 0 chose triton"
-    assert rank0[1]["reason"] is None and rank1[1]["reason"].startswith("Triton failed: RuntimeError")
+    assert rank1[0]["ms"] == {"triton": 2.0, "torch": 1.0} and rank1[0]["reason"] == "the ranks agreed on triton"
+    assert rank0[1]["reason"] == "the ranks agreed on torch" and rank0[1]["ms"]["triton"] == 1.0
+    assert rank1[1]["reason"].startswith("Triton failed: RuntimeError: no kernel image")
 
 
 def _spawned(rank: int, port: int, outs: List[str]) -> None:

@@ -232,7 +232,7 @@ def _decide(module: nn.Module, x: torch.Tensor, key: Key) -> Decision:
         warnings.warn(f"kernel=auto: {name} at {'x'.join(map(str, shape))} ({str(dtype).removeprefix('torch.')}, "
                       f"{layout}) runs the eager path: {reason}", RuntimeWarning)
     elif chosen != local:
-        reason = f"rank 0 chose {chosen}"
+        reason = f"the ranks agreed on {chosen}"  # rank 0 measured otherwise, or Triton failed on another
     return Decision(name, shape, str(dtype).removeprefix("torch."), None if amp is None else str(amp).removeprefix(
         "torch."), layout, _device_name(device), chosen, ms, max_diff, rel, reason,
         (time.perf_counter() - start) * 1000)
