@@ -13,15 +13,18 @@ a GPU it bounds the cost from above); ``decide s`` is the decisions' own wall ti
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-import scsa
-from scsa.analysis.benchmark import device_name, make_step
-from scsa.attention.kernels.autotune import format_decisions
-from scsa.training.distributed import pick_device
-from scsa.training.precision import configure_backends
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import scsa  # noqa: E402
+from scsa.analysis.benchmark import device_name, make_step  # noqa: E402
+from scsa.attention.kernels.autotune import format_decisions  # noqa: E402
+from scsa.training.distributed import pick_device  # noqa: E402
+from scsa.training.precision import configure_backends  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

@@ -336,3 +336,49 @@ def test_train_run_writes_kernels_json_and_the_log_table(tmp_path, subset, run_c
     assert all(d["chosen"] == "torch" and set(d["ms"]) == {"triton", "torch"} for d in decisions)
     log = (run_dir / "train.log").read_text()
     assert "kernel=auto decisions (4 cases" in log and log.count("| SE | 4x") == 4
+
+
+class Batches(list):
+    """Fixed batches as a train loader (the parts of the Loader contract an epoch uses)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+
+@pytest.mark.slow
+def test_trainer_decides_before_compiling_and_reports_after_the_first_step(patch, tmp_path, compose_train,
+                                                                           monkeypatch):
+    from scsa.training.distributed import DistInfo
+    from scsa.training.preemption import PreemptionWatcher
+    from scsa.training.precision import Precision
+    from scsa.training.recipe import build_scheduler
+    from scsa.training.tracking import Tracker
+    from scsa.training.trainer import Trainer, TrainerConfig
+    from scsa.training.wandb_run import WandbRun
+
+    torch._dynamo.reset()
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda model: compile_(model, backend="aot_eager", fullgraph=True))
+    patch(StandIn(), Timer(triton=1.0, torch=2.0))
+    model = tiny_model("auto")
+    gen = torch.Generator().manual_seed(2)
+    batches = [(torch.randn(2, 3, 8, 8, generator=gen), torch.tensor([0, 3])) for _ in range(3)]
+    cfg = compose_train("trainer.epochs=1", "trainer.compile=true", "schedule=step")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    trainer = Trainer(TrainerConfig.from_config(cfg.trainer, cfg.checkpoint), model=model, optimizer=optimizer,
+                      scheduler=build_scheduler(cfg.schedule, optimizer, 1, len(batches)),
+                      criterion=nn.CrossEntropyLoss(), train_loader=Batches(batches), val_loader=[],
+                      precision=Precision("none", DEVICE), dist=DistInfo(), device=DEVICE,
+                      tracker=Tracker(tmp_path, True, WandbRun("disabled", "p", tmp_path, {}, "n", [])),
+                      checkpoint_dir=tmp_path, meta={})
+    trainer.wrap()
+    watcher = PreemptionWatcher()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # no case is traced undecided
+        try:
+            trainer.train_one_epoch(0, watcher)
+        finally:
+            watcher.close()
+    assert trainer.state.step == 3 and [d["chosen"] for d in scsa.kernel_decisions()] == ["triton"] * 2
+    assert json.loads((tmp_path / "kernels.json").read_text()) == json.loads(json.dumps(scsa.kernel_decisions()))
+    assert model[1].num_batches_tracked.item() == 3  # the deciding forward left BatchNorm alone
