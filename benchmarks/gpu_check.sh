@@ -5,9 +5,12 @@
 #      test files' `cuda` ones, the launch/pass budgets);
 #   2. per-module forward + backward times at ResNet-50's four stage shapes (bench_modules.py);
 #   3. ResNet-50 training img/s (bf16, channels_last, batch 256): the seven attentions x {torch, triton}
-#      eager, then compiled runs while the budget lasts: none, scsa x {torch, triton} (a minute each);
-#   4. the rest of the GPU tests with the time left;
-#   5. a summary table (printed last, also in $OUT/summary.md).
+#      eager;
+#   4. kernel=auto's decisions in the same set-up (benchmarks/kernel_decisions.py: per module and stage
+#      shape, the chosen path, ms per path, the difference; and the first step's overhead);
+#   5. compiled runs while the budget lasts: none, scsa x {torch, triton} (a minute each);
+#   6. the rest of the GPU tests with the time left;
+#   7. a summary table (printed last, also in $OUT/summary.md): img/s, then the decisions.
 # Usage (repo root, on a GPU machine): OUT=results/ bash benchmarks/gpu_check.sh
 # Packages missing on the machine can travel as wheels in .whl/ (see the device notes).
 set -uo pipefail
@@ -44,6 +47,8 @@ BENCH=(python3 -m scsa.analysis.benchmark --models resnet50 --amp bf16 --batch-s
        --steps 6 --rounds 3)
 step 120 throughput_eager.log "${BENCH[@]}" --attentions none,scsa,se,eca,cbam,ca,ema --kernels torch,triton \
   --compile false --out "$OUT/throughput_eager.json"
+step 75 kernel_decisions.log python3 benchmarks/kernel_decisions.py --model resnet50 --attentions scsa,se,eca,cbam,ca,ema \
+  --batch-size 256 --amp bf16 --channels-last true --steps 2 --out "$OUT/kernel_decisions.json"
 step 80 compiled_none.log "${BENCH[@]}" --attentions none --compile true --out "$OUT/compiled_none.json"
 for k in triton torch; do
   step 80 "compiled_scsa_$k.log" "${BENCH[@]}" --attentions scsa --kernels $k --compile true \
@@ -65,8 +70,9 @@ print("| attention | kernel | compile | img/s | vs none |\n|---|---|---|---:|---
 for r in rows:
     ratio = r["img_per_s"] / base[r["compile"]] if r["compile"] in base else float("nan")
     print(f"| {r['attention']} | {r.get('kernel') or '-'} | {r['compile']} | {r['img_per_s']:.0f} | {ratio:.3f} |")
-if os.path.exists(os.path.join(out, "modules.log")):
-    print("\n" + "".join(l for l in open(os.path.join(out, "modules.log")) if l.startswith(("|", "device"))))
+for log in ("kernel_decisions.log", "modules.log"):  # kernel=auto's decisions, then the per-module times
+    if os.path.exists(os.path.join(out, log)):
+        print(f"\n{log}:\n" + "".join(l for l in open(os.path.join(out, log)) if l.startswith(("|", "device"))))
 for log in ("gate_tests.log", "rest_tests.log"):
     p = os.path.join(out, log)
     if os.path.exists(p):

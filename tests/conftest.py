@@ -14,9 +14,16 @@ import torch
 
 # Without a GPU, kernel="triton" runs the Triton kernels on CPU tensors in Triton's interpreter.
 # Triton reads TRITON_INTERPRET when it is first imported (its library functions are defined
-# then), and importing scsa imports it: so it is set here, before anything else imports it.
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+# then), and importing scsa imports it: so Triton is imported here with it set. It is then unset
+# again: with it, kernel="auto" runs both paths on CPU tensors to choose one (interpreted, seconds
+# per case), so only the tests of kernels and of that choice set it (`interpret` fixture).
+if not torch.cuda.is_available() and "TRITON_INTERPRET" not in os.environ:
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        pass
+    del os.environ["TRITON_INTERPRET"]
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -58,6 +65,13 @@ def tests_write_only_under_tmp():
     yield
     left = sorted(p for p in checkout_files() - before if "__pycache__" not in p)
     assert not left, f"tests wrote into the checkout: {left[:10]}"
+
+
+@pytest.fixture
+def interpret(monkeypatch) -> None:
+    """TRITON_INTERPRET=1 for this test on a machine without a GPU (then kernels run on CPU tensors)."""
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture

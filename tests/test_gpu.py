@@ -106,8 +106,15 @@ def test_triton_attention_matches_float64_on_cuda(name, dtype):
     assert max(errors) <= tol, errors
 
 
-def test_auto_kernel_takes_the_triton_path_on_cuda():
-    from tests.counting import count
-    for name in ("se", "eca", "cbam", "ca", "ema"):
-        counts = count(scsa.create_attention(name, 64).cuda(), torch.randn(2, 64, 8, 8, device="cuda"))
-        assert any(op.endswith("_kernel") for op in counts.ops), (name, counts.ops)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_auto_kernel_verifies_and_times_both_paths_on_cuda(dtype):
+    """kernel=auto at a ResNet-50 stage-2 shape: every Triton path compiles, agrees with eager and is timed;
+    the chosen path is the faster one."""
+    for name in ("scsa", "se", "eca", "cbam", "ca", "ema"):
+        module = scsa.create_attention(name, 128).cuda()
+        x = torch.randn(32, 128, 28, 28, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
+        module(x)
+        decision = scsa.kernel_decisions()[-1]
+        assert decision["module"] == type(module).__name__ and decision["reason"] is None, decision
+        assert set(decision["ms"]) == {"triton", "torch"} and decision["chosen"] == min(decision["ms"],
+                                                                                         key=decision["ms"].get)

@@ -1,10 +1,14 @@
 """SCSA's Triton path (``kernel="triton"``) against the plain reference (tests/reference_scsa.py).
 
 Where the kernels run: on CUDA tensors when a GPU is present (compiled), otherwise on CPU
-tensors in Triton's interpreter, which conftest.py switches on (``TRITON_INTERPRET=1``) before
-anything imports triton. Interpreted kernels are slow, so the shapes are tiny and every test
-here is marked slow; the ``cuda`` tests at ResNet-50's shapes run only on a GPU.
+tensors in Triton's interpreter (``TRITON_INTERPRET=1``: set while this module imports the
+kernels, and by conftest.py's ``interpret`` fixture while each test runs). Interpreted kernels
+are slow, so the shapes are tiny and every test here is marked slow; the ``cuda`` tests at
+ResNet-50's shapes run only on a GPU.
 """
+import os
+from unittest import mock
+
 import pytest
 import torch
 import torch.nn as nn
@@ -14,16 +18,17 @@ from counting import count
 from reference_scsa import ReferenceSCSA
 from weights import randomize
 from scsa.attention import SCSA
-from scsa.attention.kernels import interpreting, triton_available
+from scsa.attention.kernels import triton_available
 
 ON_CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if ON_CUDA else "cpu")
-if not triton_available() or not (ON_CUDA or interpreting()):
-    pytest.skip("the Triton kernels need triton, and a GPU or TRITON_INTERPRET=1", allow_module_level=True)
+if not triton_available():
+    pytest.skip("the Triton kernels need triton", allow_module_level=True)
 
-from scsa.attention.kernels import scsa as kernels  # noqa: E402  (imports triton's kernels)
+with mock.patch.dict(os.environ, {} if ON_CUDA else {"TRITON_INTERPRET": "1"}):
+    from scsa.attention.kernels import scsa as kernels  # noqa: E402  (defines triton's kernels)
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("interpret")]
 
 
 

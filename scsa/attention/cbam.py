@@ -33,7 +33,7 @@ class CBAM(nn.Module):
         self.spatial = SpatialGate(kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_triton(self.kernel, x):
+        if use_triton(self, x):
             from scsa.attention.kernels.cbam import cbam  # Triton kernels are defined on first use
             return cbam(x, self.channel.fc1.weight.flatten(1), self.channel.fc2.weight.flatten(1),
                         self.spatial.conv.weight)

@@ -26,7 +26,7 @@ class CoordAttention(nn.Module):
         self.conv_w = nn.Conv2d(hidden, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_triton(self.kernel, x):
+        if use_triton(self, x):
             from scsa.attention.kernels.coord import coord_attention  # Triton kernels are defined on first use
             return coord_attention(x, self.conv1.weight.flatten(1), self.bn1, self.conv_h.weight.flatten(1),
                                    self.conv_h.bias, self.conv_w.weight.flatten(1), self.conv_w.bias)

@@ -39,7 +39,7 @@ class ECA(EcaModule):
         self.kernel = check_kernel(kernel)  # auto | triton | torch: see scsa.attention.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_triton(self.kernel, x):
+        if use_triton(self, x):
             from scsa.attention.kernels.eca import eca  # Triton kernels are defined on first use
             return eca(x, self.conv.weight)
         return super().forward(x)

@@ -25,7 +25,7 @@ class EMA(nn.Module):
         self.conv3x3 = nn.Conv2d(cg, cg, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_triton(self.kernel, x):
+        if use_triton(self, x):
             from scsa.attention.kernels.ema import ema  # Triton kernels are defined on first use
             return ema(x, self.conv1x1.weight.flatten(1), self.conv1x1.bias, self.gn.weight, self.gn.bias,
                        self.conv3x3.weight, self.conv3x3.bias, self.groups, self.gn.eps)

@@ -15,7 +15,7 @@ sums, keeps no big intermediate from the forward, and builds dL/dx in one buffer
 
 Three paths, one function: ``kernel`` picks the fused Triton kernels
 (``scsa.attention.kernels.scsa``: 10 launches and 8 passes over the map per forward +
-backward; the default on CUDA tensors), or the eager path above; under ``torch.compile`` the
+backward; ``auto`` takes them where they agree and are faster), or the eager path above; under ``torch.compile`` the
 kernels are custom ops in the graph, and without them, or under export (ONNX,
 ``torch.export``), a plain-op path runs that exporters and inductor can take.
 """
@@ -244,9 +244,11 @@ class SCSA(nn.Module):
     ``window_size=-1`` pools globally, with the mean in either ``down_sample_mode`` (as the
     authors' code does). The output has the input's dtype and memory format.
 
-    ``kernel``: ``auto`` (Triton on CUDA tensors, the eager path on CPU), ``triton`` or
-    ``torch``; see ``scsa.attention.kernels``.
+    ``kernel``: ``auto`` (the faster of the two where Triton runs and agrees, measured once per
+    case; the eager path on CPU), ``triton`` or ``torch``; see ``scsa.attention.kernels``.
     """
+
+    random_options = ("attn_drop_ratio",)  # off while kernel="auto" compares the paths (their masks differ)
 
     def __init__(
             self,
@@ -321,7 +323,7 @@ class SCSA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"SCSA({self.channels}) expects (B, {self.channels}, H, W), got {tuple(x.shape)}")
-        if use_triton(self.kernel, x):
+        if use_triton(self, x):
             from scsa.attention.kernels.scsa import scsa_triton  # imports triton: only on this path
             return scsa_triton(self, x)
         if torch.compiler.is_compiling() or exporting():

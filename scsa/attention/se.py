@@ -19,7 +19,7 @@ class SE(SEModule):
         self.kernel = check_kernel(kernel)  # auto | triton | torch: see scsa.attention.kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_triton(self.kernel, x):
+        if use_triton(self, x):
             from scsa.attention.kernels.se import se  # Triton kernels are defined on first use
             return se(x, self.fc1.weight.flatten(1), self.fc2.weight.flatten(1))
         return super().forward(x)

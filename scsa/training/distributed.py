@@ -14,6 +14,8 @@ import torch
 import torch.distributed as dist
 from timm.utils import distribute_bn
 
+from scsa.attention.kernels.autotune import set_agreement
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -121,16 +123,26 @@ def gather_objects(obj) -> list:
     return gathered
 
 
+def agree_on_kernel(choice: str, triton_ok: bool) -> str:
+    """The attention path every rank runs for a case ``kernel=auto`` decided (the agreement hook of
+    ``scsa.attention.kernels.autotune``, installed by ``process_group``): rank 0's choice, or the eager
+    path if Triton failed or disagreed on any rank. Local timings differ; replicas must run the same ops."""
+    choices = gather_objects((choice, triton_ok))
+    return choices[0][0] if all(ok for _, ok in choices) else "torch"
+
+
 @contextlib.contextmanager
 def process_group(device: str = "auto", agreed: Tuple[Type[BaseException], ...] = ()
                   ) -> Iterator[Tuple[DistInfo, torch.device]]:
-    """``init_distributed`` for the block, then teardown: after a barrier when every rank leaves
-    together (the block finished, or raised one of the ``agreed`` exceptions, which all ranks raise
-    at the same step), since Gloo teardown without one crashed runs; with no barrier after any
-    other error, which one rank may hit alone: its peers would never reach the barrier, and the
-    launcher stops them once this rank exits."""
+    """``init_distributed`` for the block, in which ranks agree on ``kernel=auto``'s choices; then
+    teardown: after a barrier when every rank leaves together (the block finished, or raised one of
+    the ``agreed`` exceptions, which all ranks raise at the same step), since Gloo teardown without
+    one crashed runs; with no barrier after any other error, which one rank may hit alone: its peers
+    would never reach the barrier, and the launcher stops them once this rank exits."""
     info, torch_device = init_distributed(device)
     together = False
+    if dist.is_initialized():
+        set_agreement(agree_on_kernel)
     try:
         yield info, torch_device
         together = True
@@ -138,6 +150,7 @@ def process_group(device: str = "auto", agreed: Tuple[Type[BaseException], ...] 
         together = True
         raise
     finally:
+        set_agreement(None)
         if dist.is_initialized():
             if together:
                 dist.barrier()

@@ -1,4 +1,4 @@
-"""What a run leaves behind: metrics.jsonl, train.log lines, a progress bar, W&B, curves.png.
+"""What a run leaves behind: metrics.jsonl, train.log lines, a progress bar, W&B, curves.png, kernels.json.
 
 Rank 0 only: every other rank gets a tracker that does nothing, so callers never check ranks.
 """
@@ -7,11 +7,12 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from tqdm import tqdm
 
 from scsa.analysis.plots import plot_curves
+from scsa.attention.kernels.autotune import format_decisions
 from scsa.training.wandb_run import WandbRun, gpu_memory_gib
 
 log = logging.getLogger("train")
@@ -49,6 +50,16 @@ class Tracker:
         log.info("epoch %d: %s", record["epoch"],
                  " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                           for k, v in record.items() if k != "epoch"))
+
+    def log_kernels(self, decisions: List[Dict[str, Any]]) -> None:
+        """``kernel=auto``'s decisions (``scsa.kernel_decisions()``): a table in train.log, kernels.json, and
+        the chosen path per module and shape in the W&B summary."""
+        if not self.enabled or not decisions:
+            return
+        (self.run_dir / "kernels.json").write_text(json.dumps(decisions, indent=1) + "\n")
+        log.info("kernel=auto decisions (%d cases, %.1f s deciding):\n%s", len(decisions),
+                 sum(d["decide_ms"] for d in decisions) / 1000, format_decisions(decisions))
+        self.wandb.summary({f"kernel/{d['module']}/{'x'.join(map(str, d['shape']))}": d["chosen"] for d in decisions})
 
     def finish(self, summary: Dict[str, Any], exit_code: int) -> None:
         """Close the W&B run and draw curves.png from metrics.jsonl."""

@@ -20,6 +20,7 @@ from timm.data import Mixup
 from timm.scheduler.scheduler import Scheduler
 from timm.utils import ModelEmaV3
 
+from scsa.attention.kernels.autotune import decide_kernels, kernel_decisions
 from scsa.training import distributed
 from scsa.training.checkpoint import keep_epoch_copy, save_atomic
 from scsa.training.distributed import DistInfo
@@ -104,6 +105,7 @@ class Trainer:
         self.state = TrainState()
         self.nonfinite_in_a_row = 0
         self.last_save = time.monotonic()
+        self.kernels_logged = False  # kernel=auto's decisions go to the tracker after this process's first step
 
     def wrap(self) -> None:
         """SyncBN, torch.compile, then DDP (compile goes inside the DDP wrap)."""
@@ -223,6 +225,9 @@ class Trainer:
                 is_update = self.state.batch == group_start + group
                 images, targets = self.mixup(images, labels) if self.mixup else (images, labels)
                 loss = self._forward_backward(images, targets, sync=is_update, group=group)
+                if not self.kernels_logged:
+                    self.kernels_logged = True
+                    self.tracker.log_kernels(kernel_decisions())
                 pending_loss += loss.double() * len(images)
                 pending_images += len(images)
                 throughput.add(len(images), wait)
@@ -267,6 +272,8 @@ class Trainer:
         context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
         with context:
             with self.precision.autocast():
+                if self.cfg.compile and not self.kernels_logged:  # decide before the graph is traced
+                    decide_kernels(self.model, images)
                 logits = self.train_model(images)
             loss = self.criterion(logits.float(), targets)
             self.precision.scaler.scale(loss / group).backward()

@@ -1,9 +1,11 @@
 """Fused Triton kernels for the attention modules, and the choice between them and the eager path.
 
-Every attention module takes ``kernel``: ``auto`` (Triton on CUDA tensors when Triton imports,
-the eager PyTorch path otherwise), ``triton`` or ``torch``. With ``TRITON_INTERPRET=1`` the
-Triton kernels also run on CPU tensors, in Triton's interpreter: that is how they are tested
-on machines without a GPU.
+Every attention module takes ``kernel``: ``auto``, ``triton`` or ``torch``. ``auto`` runs the eager
+PyTorch path unless Triton can run on the tensor (a CUDA tensor with Triton installed); then the
+first call of each case runs both paths, checks they agree, times them and keeps the faster
+(``autotune``). With ``TRITON_INTERPRET=1`` the Triton kernels also run on CPU tensors, in
+Triton's interpreter, and ``auto`` treats CPU tensors like CUDA ones: that is how kernels and
+decisions are tested on machines without a GPU.
 """
 import importlib.util
 import os
@@ -45,16 +47,21 @@ def exporting() -> bool:
     return torch.onnx.is_in_onnx_export() or (is_exporting is not None and is_exporting())
 
 
-def use_triton(kernel: str, x: torch.Tensor) -> bool:
-    """Whether a module set to ``kernel`` runs its Triton path on ``x``.
+def use_triton(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether ``module`` (its ``kernel`` setting) runs its Triton path on ``x``.
 
-    ``auto`` picks Triton for CUDA tensors only; ``triton`` insists, and says why it cannot run.
-    Under export neither does: exporters take plain ops only.
+    ``auto`` runs what ``autotune`` decided for the case where Triton can run (CUDA tensors, or CPU
+    ones in the interpreter), the eager path elsewhere; ``triton`` insists, and says why it cannot
+    run. Under export neither does: exporters take plain ops only.
     """
+    kernel = module.kernel
     if kernel == "torch" or exporting():
         return False
     if kernel == "auto":
-        return x.is_cuda and triton_available()
+        if not triton_available() or not (x.is_cuda or (x.device.type == "cpu" and interpreting())):
+            return False
+        from scsa.attention.kernels.autotune import choose  # imports no Triton
+        return choose(module, x) == "triton"
     if not triton_available():
         raise RuntimeError("kernel='triton' needs the triton package (it ships with CUDA builds of torch): "
                            "install it, or use kernel='auto'")
