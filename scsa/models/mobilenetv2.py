@@ -38,7 +38,7 @@ class InvertedResidual(nn.Module):
         self.conv_pwl = ConvNormAct(hidden, out_chs, 1, apply_act=False)
         attn_channels = hidden if self.attn_mid else out_chs
         self.attn = attn_layer(attn_channels) if attn_layer is not None else nn.Identity()
-        self.drop_path = DropPath(drop_path_rate) if drop_path_rate and self.has_skip else nn.Identity()
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate else nn.Identity()  # on the skip only
 
     def zero_init_last(self) -> None:
         """Zero the last BN of a residual branch so the block starts as the identity."""
