@@ -107,7 +107,7 @@ def test_your_own_class_in_place_of_a_name():
     assert [type(b.attn) for b in model.layer1] == [SpatialMask] * 2 and model.layer1[0].attn.conv.bias is None
     with pytest.raises(ValueError, match="no default position: pass position='mid' or 'end'"):
         scsa.create_model("resnet18", Widen)
-    with pytest.raises(ValueError, match=r"turns a \(2, 64, 4, 4\) map into \(2, 128, 4, 4\).*channels in = channels out"):
+    with pytest.raises(ValueError, match=r"turns a \(2, 64, 4, 4\) map into \(2, 128, 4, 4\).*in = channels out"):
         scsa.create_model("resnet18", Widen, position="mid")
     with pytest.raises(TypeError, match="resnet18_spatial_mask got an unexpected keyword argument 'reduction'"):
         scsa.create_model("resnet18", SpatialMask, position="end", reduction=4)

@@ -83,7 +83,8 @@ def test_your_own_attention_trains_through_attention_custom(tmp_path, subset, ru
     common = [f"data.root={data}", "data.image_size=32", "data.val_resize=32", "data.batch_size=4", "data.workers=0",
               "data.loader=torch", "trainer.epochs=1", "trainer.max_steps=1", "wandb.mode=disabled"]
     run_dir = tmp_path / "run"
-    result = run_cli(["train.py", *CUSTOM, *common, f"hydra.run.dir={run_dir}"], env_extra=_env_with_tests_on_path(repo))
+    result = run_cli(["train.py", *CUSTOM, *common, f"hydra.run.dir={run_dir}"],
+                     env_extra=_env_with_tests_on_path(repo))
     assert result.returncode == 0, result.stderr[-3000:]
     config = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["config"]["attention"]
     assert config["cls"] == "custom_attention.SpatialMask" and config["position"] == "mid"

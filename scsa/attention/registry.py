@@ -26,8 +26,9 @@ import torch.nn as nn
 
 from scsa.attention.gate import RecordsGate
 
-__all__ = ["KERNEL_KWARG", "POSITIONS", "AttentionSpec", "NoAttention", "attention_spec", "check_position", "create_attention",
-           "default_position", "list_attentions", "register_attention", "spec_for", "subscribe"]
+__all__ = ["KERNEL_KWARG", "POSITIONS", "AttentionSpec", "NoAttention", "attention_spec", "check_position",
+           "create_attention", "default_position", "keyword_names", "list_attentions", "register_attention", "spec_for",
+           "subscribe"]
 
 POSITIONS = ("mid", "end")
 KERNEL_KWARG = "kernel"  # the one runtime argument: which code path runs, not part of the architecture

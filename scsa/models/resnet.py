@@ -65,7 +65,8 @@ class Bottleneck(timm_resnet.Bottleneck):
         return self.act3(x + shortcut)
 
 
-def resnet_builder(block: Type[Union[BasicBlock, Bottleneck]], layers: Sequence[int], **arch: Any) -> Callable[..., nn.Module]:
+def resnet_builder(block: Type[Union[BasicBlock, Bottleneck]], layers: Sequence[int],
+                   **arch: Any) -> Callable[..., nn.Module]:
     """A ``BackboneSpec.build`` for timm's ``ResNet(block, layers, **arch)`` with attention in every block
     (``arch``: timm's ResNet variants, e.g. ``cardinality``, ``stem_type``, ``avg_down``)."""
     def build(attn_layer: Optional[AttnFactory], attn_position: str, **timm_args: Any) -> timm_resnet.ResNet:
