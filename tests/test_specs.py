@@ -58,6 +58,7 @@ def _env_with_tests_on_path(repo) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(2400)
 def test_every_config_combination_trains_a_step(tmp_path, subset, run_cli):
     """One --multirun process over every model= x attention= option, one step each on 4 images at 32 px."""
     sweep = tmp_path / "sweep"
@@ -66,7 +67,7 @@ def test_every_config_combination_trains_a_step(tmp_path, subset, run_cli):
                       f"data.root={subset(2, 1, classes=2)}", "data.image_size=32", "data.val_resize=32",
                       "data.batch_size=4", "data.workers=0", "data.loader=torch", "trainer.epochs=1",
                       "trainer.max_steps=1", "trainer.channels_last=false", "wandb.mode=disabled",
-                      f"hydra.sweep.dir={sweep}"], timeout=1200)
+                      f"hydra.sweep.dir={sweep}"], timeout=2400)
     assert result.returncode == 0, result.stderr[-3000:]
     runs = {tuple(p.name.split("_seed")[0].split("_", 1)[1].rsplit("_", 1)): p for p in sweep.iterdir() if p.is_dir()}
     assert sorted(runs) == sorted((m, a) for m in models for a in attentions)
