@@ -32,6 +32,10 @@ log = logging.getLogger("train")
 
 
 def build_model(cfg: DictConfig, num_classes: int) -> torch.nn.Module:
+    for key in ("cls", "position"):
+        if OmegaConf.is_missing(cfg.attention, key):
+            raise UserError(f"attention={cfg.attention.name} needs attention.{key}: e.g. "
+                            f"attention.cls=my_pkg.my_attn.MyAttention attention.position=end")
     try:
         return create_model_from_config(cfg.model, cfg.attention, num_classes)
     except (ValueError, TypeError) as e:

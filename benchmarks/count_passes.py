@@ -31,11 +31,11 @@ import torch.nn as nn  # noqa: E402
 
 from counting import count  # noqa: E402
 from reference_scsa import ReferenceSCSA  # noqa: E402
-from scsa.attention import create_attention, default_position  # noqa: E402
+from scsa.attention import attention_spec, create_attention, default_position, list_attentions  # noqa: E402
 from scsa.models.resnet import Bottleneck  # noqa: E402
 
-MODULES = ("scsa", "se", "cbam", "eca", "ca", "ema")
-END_MODULES = ("se", "eca", "cbam")
+MODULES = [a for a in list_attentions() if attention_spec(a).takes_kernel]  # with a Triton path to count
+END_MODULES = [a for a in MODULES if default_position(a) == "end"]  # their gate meets the residual add
 
 
 class Tail(nn.Module):

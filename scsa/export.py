@@ -22,6 +22,9 @@ import torch
 import torch.nn as nn
 
 from scsa.errors import UserError
+from scsa.attention import KERNEL_KWARG, spec_for
+from scsa.models import backbone_spec
+from scsa.models.factory import import_class
 from scsa.models.registry import timm_name
 from scsa.trained import TrainedModel, load_trained
 
@@ -30,8 +33,6 @@ __all__ = ["FORMATS", "VerificationError", "default_export_dir", "export_checkpo
 
 FORMATS = ("safetensors", "onnx")
 ONNX_INPUT, ONNX_OUTPUT = "images", "logits"
-RUNTIME_KWARGS = ("kernel",)  # where a model runs is the loader's choice, not part of the architecture
-TIMM_PLAIN = {"mobilenetv2": "mobilenetv2_100"}  # timm's names for the backbones without attention
 
 
 class VerificationError(RuntimeError):
@@ -60,20 +61,26 @@ def default_export_dir(checkpoint: Path, ema: bool = False) -> Path:
 def timm_model_args(config: Dict[str, Any]) -> Tuple[str, Dict[str, Any]]:
     """The timm architecture of a run's model and the arguments that rebuild it.
 
-    Without attention the backbone is timm's own: the same modules in the same order (MobileNetV2's
-    are named differently, see ``_renamed``).
+    Without attention the backbone is timm's own (its spec's ``timm_plain``): the same modules in the same
+    order (MobileNetV2's are named differently, see ``_renamed``). A custom attention class (``attention.cls``)
+    has a timm name only when it is registered.
     """
     backbone, attention = config["model"]["name"], config["attention"]["name"]
+    if config["attention"].get("cls"):
+        spec = spec_for(import_class(config["attention"]["cls"]))
+        if spec.position is None:
+            raise UserError(f"attention class {config['attention']['cls']} is not registered, so timm has no name "
+                            f"for it: export=onnx, or register it (scsa.register_attention) before exporting")
+        attention = spec.name
     if attention == "none":
-        return TIMM_PLAIN.get(backbone, backbone), {}
-    kwargs = {k: v for k, v in config["attention"]["kwargs"].items() if k not in RUNTIME_KWARGS}
+        return backbone_spec(backbone).timm_plain, {}
+    kwargs = {k: v for k, v in config["attention"]["kwargs"].items() if k != KERNEL_KWARG and v is not None}
     return timm_name(backbone, attention), {"position": config["attention"]["position"], **kwargs}
 
 
 def _renamed(state: Dict[str, torch.Tensor], names: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """``state``'s tensors under the names of ``names``, tensor by tensor in module order."""
-    if list(state) == list(names):
-        return state
+    """``state``'s tensors under the names of ``names``, tensor by tensor in module order: for the backbones
+    whose spec says timm's plain model names the same tensors differently (``plain_renamed``)."""
     shapes = [tuple(t.shape) for t in state.values()], [tuple(t.shape) for t in names.values()]
     if shapes[0] != shapes[1]:
         raise ValueError("the timm architecture's tensors differ from the model's: it is not the same network")
@@ -92,7 +99,10 @@ def export_safetensors(trained: TrainedModel, out: Path) -> Dict[str, Path]:
     """Write ``model.safetensors`` and ``config.json`` into ``out`` (timm's hub layout)."""
     name, model_args = timm_model_args(trained.config)
     model = timm.create_model(name, num_classes=len(trained.classes), **model_args)
-    model.load_state_dict(_renamed(trained.model.state_dict(), model.state_dict()))  # strict
+    state, backbone = trained.model.state_dict(), backbone_spec(trained.config["model"]["name"])
+    if name == backbone.timm_plain and backbone.plain_renamed:
+        state = _renamed(state, model.state_dict())
+    model.load_state_dict(state)  # strict
     timm.models.save_for_hf(model, out, model_config=dict(label_names=list(trained.classes)),
                             data_config=_data_config(trained.config["data"]), safe_serialization=True)
     return {"weights": out / "model.safetensors", "config": out / "config.json"}

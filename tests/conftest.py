@@ -30,10 +30,16 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import scsa.training.config  # noqa: F401  (registers the resolvers conf/ uses)
+from custom_attention import SpatialMask
+from scsa.attention import register_attention
 from scsa.training.cli import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample"
+
+# An attention module from outside the package, registered as a user would: every test that
+# parametrises over the registry covers it too, with no list to edit.
+register_attention("spatial_mask", SpatialMask, "end")
 
 
 def copy_sample(dest: Path, train_per_class: int, val_per_class: int, classes: int = 10) -> Path:

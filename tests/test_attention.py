@@ -1,5 +1,6 @@
 """Attention modules: the spec's formulas, parameter names and counts, and the fast SCSA
 against a plain transcription of the spec (tests/reference_scsa.py), forward and backward."""
+import inspect
 import math
 
 import pytest
@@ -7,12 +8,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from options import modules
 from reference_scsa import ReferenceSCSA
-from scsa.attention import CBAM, ECA, EMA, SCSA, SE, CoordAttention, create_attention, list_attentions
+from scsa.attention import (CBAM, ECA, EMA, POSITIONS, SCSA, SE, CoordAttention, RecordsGate, attention_spec,
+                            create_attention, list_attentions, register_attention)
 from scsa.attention.eca import eca_kernel_size
 from weights import randomize
 
-NAMES = ["scsa", "se", "cbam", "eca", "ca", "ema"]
+NAMES = modules()
 
 
 
@@ -26,10 +29,20 @@ def forward_backward(module: nn.Module, x: torch.Tensor, grad: torch.Tensor):
 
 # --- registry ------------------------------------------------------------------------------
 
-def test_registry_names():
-    assert set(NAMES) | {"none"} <= set(list_attentions())
+@pytest.mark.parametrize("name", list_attentions())
+def test_each_spec_describes_its_class(name):
+    spec = attention_spec(name)
+    assert spec.name == name and spec.position in POSITIONS
+    assert spec.takes_kernel == ("kernel" in inspect.signature(spec.cls).parameters)
+    module = create_attention(name, 64, kernel="auto")  # the runtime argument every spec accepts
+    assert isinstance(module, spec.cls) and spec.spatial_gate == isinstance(module, RecordsGate)
+
+
+def test_registry_builds_by_name():
     assert isinstance(create_attention("none", 64), nn.Identity)
     assert isinstance(create_attention("scsa", 64, head_num=2), SCSA)
+    with pytest.raises(ValueError, match="unknown attention position 'middle'"):
+        register_attention("middle_module", SE, "middle")
 
 
 def test_unknown_attention_names_the_choices():

@@ -16,7 +16,10 @@ from PIL import Image
 from scipy import stats as scipy_stats
 
 from data import val_sample
+from options import modules
 from scsa.analysis import stats
+from scsa.attention import attention_spec
+from scsa.models import list_backbones
 from scsa.analysis.cam import (CELL_INCHES, DPI, checkpoint_columns, gate_of, last_attention_block, last_stage,
                       spatial_gate, write_cam)
 from scsa.training.cli import expand_shorthands
@@ -212,7 +215,7 @@ def test_compare_and_cam_shorthands_name_their_main_key():
         "compare.dir=/runs/a", "compare.throughput=false", "cam.dir=/runs/b", "images=8", "checkpoint=x.pt"]
 
 
-@pytest.mark.parametrize("name", ["scsa", "cbam", "ca", "ema"])
+@pytest.mark.parametrize("name", [a for a in modules() if attention_spec(a).spatial_gate])
 def test_spatial_gate_is_what_the_module_multiplies_in(name):
     import scsa
 
@@ -224,30 +227,30 @@ def test_spatial_gate_is_what_the_module_multiplies_in(name):
     with torch.no_grad():
         out = module(x)
     gate = gate_of(module, x)
-    if name == "cbam":  # the spatial map follows the channel gate
-        with torch.no_grad():
-            x = module.channel(x)
-    ratio = out / (x * gate)  # what is left: 1 (CBAM, CA, EMA) or SCSA's per-channel a_c
+    # what is left is per channel (CBAM's and SCSA's channel gates, else 1): constant over the map
+    ratio = out / (x * gate)
     torch.testing.assert_close(ratio, ratio[..., :1, :1].expand_as(ratio), rtol=1e-4, atol=1e-6)
-    if name != "scsa":
-        torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=1e-4, atol=1e-6)
     assert gate.std() > 1e-3 and spatial_gate(module, x).shape == (2, 9, 7)
+    assert not module.record_gate and module.gate is None  # asked for one forward only
 
 
 def test_channel_attention_has_no_spatial_gate():
     import scsa
 
-    for name in ("se", "eca"):
+    for name in (a for a in modules() if not attention_spec(a).spatial_gate):
         assert spatial_gate(scsa.create_attention(name, 64), torch.rand(1, 64, 4, 4)) is None
 
 
-def test_default_layers_are_the_last_stage_and_last_attention_block():
+@pytest.mark.parametrize("backbone", list_backbones())
+def test_default_layers_are_the_last_stage_and_last_attention_block(backbone):
     import scsa
 
-    resnet = scsa.create_model("resnet18", "se", num_classes=10)
-    assert last_stage(resnet) == "layer4" and last_attention_block(resnet) == "layer4.1"
-    mobilenet = scsa.create_model("mobilenetv2", "none", num_classes=10)
-    assert last_stage(mobilenet) == "features.18" and last_attention_block(mobilenet) == "features.17"
+    with torch.device("meta"):
+        model = scsa.create_model(backbone, "se", num_classes=10)
+    assert isinstance(model.get_submodule(last_stage(backbone)), torch.nn.Module)
+    assert last_attention_block(model).startswith(last_stage(backbone).split(".")[0])
+    assert last_stage("resnet18") == "layer4" and last_stage("mobilenetv2") == "features.18"
+
 
 
 def wandb_run_record(run_dir: Path) -> Dict:

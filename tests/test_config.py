@@ -1,13 +1,9 @@
 """Configs compose, the authors' recipes are exact, every setting has one source."""
 import pytest
-import torch
 from omegaconf import OmegaConf
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-import scsa
-from scsa.attention import default_position, list_attentions
 from scsa.training.recipe import scaled_lr
-from scsa.models import MODELS, create_model_from_config
 
 MEAN, STD = [255 * m for m in IMAGENET_DEFAULT_MEAN], [255 * s for s in IMAGENET_DEFAULT_STD]
 
@@ -58,36 +54,3 @@ def test_data_presets_inherit_the_imagenet_recipe(compose_train):
     different = {k for k in imagenet if OmegaConf.select(imagenet, k) != OmegaConf.select(sample, k)}
     assert different == {"name", "root", "batch_size", "workers", "image_size", "val_resize", "scale"}
     assert list(sample.mean) == list(imagenet.mean)
-
-
-def build_both(backbone: str, attention_cfg):
-    """The model from the Python API's defaults and from the YAML's, or the ValueError both raise."""
-    with torch.device("meta"):  # shapes and layout only: no weights initialised
-        try:
-            from_api = scsa.create_model(backbone, attention_cfg.name, num_classes=10)
-        except ValueError as e:
-            with pytest.raises(ValueError, match=str(e)[:40]):
-                create_model_from_config({"name": backbone, "drop_rate": None}, attention_cfg, 10)
-            return None, None
-        return from_api, create_model_from_config({"name": backbone, "drop_rate": None}, attention_cfg, 10)
-
-
-@pytest.mark.parametrize("attention", list_attentions())
-def test_api_and_yaml_place_each_attention_alike(compose_train, attention):
-    cfg = compose_train(f"attention={attention}")
-    assert cfg.attention.position == default_position(attention)
-    for backbone in MODELS:
-        from_api, from_yaml = build_both(backbone, cfg.attention)
-        if from_api is None:  # e.g. EMA's 32 groups cannot split MobileNetV2's 144 channels, either way
-            continue
-        assert [type(m).__name__ for m in from_api.modules()] == [type(m).__name__ for m in from_yaml.modules()]
-        assert [p.shape for p in from_api.parameters()] == [p.shape for p in from_yaml.parameters()]
-        blocks = [m for m in from_api.modules() if hasattr(m, "attn_mid")]
-        assert blocks and all(b.attn_mid == (cfg.attention.position == "mid") for b in blocks)
-
-
-def test_every_yaml_attention_default_builds_and_runs(compose_train):
-    for attention in list_attentions():
-        cfg = compose_train(f"attention={attention}", "model=resnet18")
-        model = create_model_from_config(cfg.model, cfg.attention, num_classes=10).eval()
-        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)

@@ -1,4 +1,5 @@
 """Trained models outside the framework: timm's hub layout (safetensors), ONNX, a detection backbone."""
+import itertools
 import json
 from collections import OrderedDict
 
@@ -11,12 +12,15 @@ import torch
 import torch.nn as nn
 
 import scsa
+from options import modules
+from scsa.attention import list_attentions
 from scsa.errors import UserError
 from scsa.export import (VerificationError, default_export_dir, export_checkpoint, export_onnx, export_safetensors,
                          verify_onnx, verify_safetensors)
+from scsa.models import backbone_spec, list_backbones
 from scsa.trained import TrainedModel
 
-ATTENTIONS = ("none", "se", "cbam", "eca", "ca", "ema", "scsa")
+ATTENTIONS = list_attentions()
 IMAGENET_MEAN, IMAGENET_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 
 
@@ -99,6 +103,15 @@ def test_a_resnet_without_attention_exports_as_timms_own(tmp_path):
     assert_bitwise(timm.create_model(f"local-dir:{tmp_path}", pretrained=True), trained.model)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone", list_backbones())
+def test_every_backbone_without_attention_exports_as_its_timm_twin(tmp_path, backbone):
+    trained = make_trained(backbone, "none")
+    files = export_safetensors(trained, tmp_path)
+    assert json.loads(files["config"].read_text())["architecture"] == backbone_spec(backbone).timm_plain
+    verify_safetensors(tmp_path, trained.model)  # timm's own model gives back every tensor, bit for bit
+
+
 def test_a_mobilenetv2_without_attention_exports_as_timms_own_under_its_names(tmp_path):
     trained = make_trained("mobilenetv2", "none")
     export_safetensors(trained, tmp_path)
@@ -141,6 +154,15 @@ def test_onnx_matches_pytorch_for_every_attention(tmp_path, attention):
             want = trained.model(images).numpy()
         assert np.abs(want).max() > 0.1  # logits large enough for 1e-4 to mean something
         np.testing.assert_allclose(run_onnx(path, images), want, rtol=0, atol=1e-4)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backbone,attention", list(zip(list_backbones(), itertools.cycle(modules()))))
+def test_onnx_matches_pytorch_for_every_backbone(tmp_path, backbone, attention):
+    """Each backbone with one attention module (each module on one backbone), at 32 px."""
+    trained = make_trained(backbone, attention, classes=10, image_size=32)
+    _, diff = export_onnx(trained, tmp_path)
+    assert diff <= 1e-4
 
 
 @pytest.mark.slow

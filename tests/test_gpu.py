@@ -6,10 +6,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import scsa
+from scsa.attention import list_attentions
 from scsa.training.precision import Precision
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-ATTENTIONS = ("none", "scsa", "se", "cbam", "eca", "ca", "ema")
+ATTENTIONS = list_attentions()
 
 
 @pytest.mark.parametrize("attention", ATTENTIONS)

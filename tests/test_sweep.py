@@ -5,10 +5,10 @@ import json
 import pytest
 from PIL import Image
 
+from options import attention_options
 from scsa.analysis.cam import CELL_INCHES, DPI
 
-
-ATTENTIONS = ["none", "se", "cbam", "eca", "ca", "ema", "scsa"]
+ATTENTIONS = ["none", *(a for a in attention_options() if a != "none")]  # the baseline first
 
 
 @pytest.mark.slow

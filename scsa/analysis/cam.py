@@ -8,18 +8,19 @@ attentions readable, and the lowest seed pairs the columns by seed; ``cam.checkp
 names the checkpoints (one column each) instead, e.g. every seed of one attention.
 
 Grad-CAM is ``pytorch_grad_cam``'s (the ``grad-cam`` package), for the predicted class, at
-the last stage unless ``cam.layer`` names another module. With ``cam.gate=true`` a cell shows
-the spatial gate the attention module applies at one block instead: SCSA's a_h ⊗ a_w, CBAM's
-spatial map, CA's a_h ⊗ a_w, EMA's cross-spatial weights (mean over channels or groups).
-The gate is recomputed from the module's input (a forward pre-hook) and its public
-submodules, so it reads the same whichever kernel (Triton or eager) runs the module. Models
-run on the CPU with the eager kernels (``kernel="torch"``): eight images need no GPU.
+the backbone's last stage (its spec's ``last_stage``) unless ``cam.layer`` names another module. With
+``cam.gate=true`` a cell shows the spatial gate the attention module applies at one block instead:
+SCSA's a_h ⊗ a_w, CBAM's spatial map, CA's a_h ⊗ a_w, EMA's cross-spatial weights (mean over channels
+or groups). Modules whose spec says they have one (``spatial_gate``) keep the gate their own forward
+multiplied in when asked (``scsa.attention.gate.RecordsGate``): the map is the module's, never a copy.
+Models run on the CPU with the eager kernels (``kernel="torch"``): eight images need no GPU.
 """
+import contextlib
 import logging
 import textwrap
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -27,8 +28,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from scsa.attention import CBAM, EMA, SCSA, CoordAttention
+from scsa.attention import spec_for
 from scsa.analysis.runs import find_runs, group_runs
+from scsa.models import backbone_spec
 from scsa.trained import TrainedModel, load_trained
 
 log = logging.getLogger(__name__)
@@ -73,13 +75,9 @@ def checkpoint_columns(paths: Sequence[str]) -> List[Column]:
     return columns
 
 
-def last_stage(model: nn.Module) -> str:
-    """Module path of the model's last stage: ResNet ``layer4``, MobileNetV2's last feature layer."""
-    if hasattr(model, "layer4"):
-        return "layer4"
-    if isinstance(getattr(model, "features", None), nn.Sequential):
-        return f"features.{len(model.features) - 1}"
-    raise ValueError(f"no known last stage in {type(model).__name__}: name a module with cam.layer=...")
+def last_stage(backbone: str) -> str:
+    """Module path of the backbone's last stage (its spec's): ResNet ``layer4``, MobileNetV2's last feature layer."""
+    return backbone_spec(backbone).last_stage
 
 
 def _module(model: nn.Module, path: str, key: str) -> nn.Module:
@@ -99,59 +97,31 @@ def last_attention_block(model: nn.Module) -> str:
     return blocks[-1]
 
 
-# ---- the modules' spatial gates, recomputed from their input and public submodules ---------------
-# Each returns the gate as the module multiplies it in, broadcastable to the input (B, C, H, W).
+# ---- the modules' spatial gates, as their forward computed them ---------------------------------
 
-def _scsa_gate(m: SCSA, x: torch.Tensor) -> torch.Tensor:
-    """a_h ⊗ a_w of SMSA (the output is x * a_h * a_w * a_c, a_c per channel)."""
-    convs = (m.local_dwc, m.global_dwc_s, m.global_dwc_m, m.global_dwc_l)
-
-    def strip(s: torch.Tensor, norm: nn.GroupNorm) -> torch.Tensor:  # (B, C, L) -> gate (B, C, L)
-        z = norm(torch.cat([conv(part) for conv, part in zip(convs, s.chunk(4, dim=1))], dim=1))
-        return torch.sigmoid(z) if m.gate_layer == "sigmoid" else torch.softmax(z, dim=-1)
-
-    return strip(x.mean(3), m.norm_h)[..., :, None] * strip(x.mean(2), m.norm_w)[..., None, :]
-
-
-def _cbam_gate(m: CBAM, x: torch.Tensor) -> torch.Tensor:
-    """The spatial map (B, 1, H, W), applied after the channel gate."""
-    y = m.channel(x)
-    return torch.sigmoid(m.spatial.conv(torch.cat([y.mean(dim=1, keepdim=True), y.amax(dim=1, keepdim=True)], 1)))
-
-
-def _ca_gate(m: CoordAttention, x: torch.Tensor) -> torch.Tensor:
-    """a_h ⊗ a_w, the coordinate gates."""
-    h, w = x.shape[2:]
-    y = m.act(m.bn1(m.conv1(torch.cat([x.mean(3, keepdim=True), x.mean(2, keepdim=True).transpose(2, 3)], dim=2))))
-    y_h, y_w = torch.split(y, [h, w], dim=2)
-    return torch.sigmoid(m.conv_h(y_h)) * torch.sigmoid(m.conv_w(y_w.transpose(2, 3)))
-
-
-def _ema_gate(m: EMA, x: torch.Tensor) -> torch.Tensor:
-    """The cross-spatial weights, one map per channel group."""
-    b, c, h, w = x.shape
-    g = x.reshape(b * m.groups, -1, h, w)
-    x_h, x_w = torch.split(m.conv1x1(torch.cat([g.mean(3, keepdim=True), g.mean(2, keepdim=True).transpose(2, 3)],
-                                               dim=2)), [h, w], dim=2)
-    x1 = m.gn(g * x_h.sigmoid() * x_w.transpose(2, 3).sigmoid())
-    x2 = m.conv3x3(g)
-    weights = (torch.softmax(x1.mean((2, 3)), dim=-1).unsqueeze(1) @ x2.flatten(2)
-               + torch.softmax(x2.mean((2, 3)), dim=-1).unsqueeze(1) @ x1.flatten(2))
-    return weights.view(b, m.groups, h, w).sigmoid().repeat_interleave(c // m.groups, dim=1)
-
-
-GATES: Dict[type, Callable[[nn.Module, torch.Tensor], torch.Tensor]] = {
-    SCSA: _scsa_gate, CBAM: _cbam_gate, CoordAttention: _ca_gate, EMA: _ema_gate}
+@contextlib.contextmanager
+def recording_gate(module: nn.Module) -> Iterator[List[torch.Tensor]]:
+    """Within it, each forward of ``module`` appends the spatial gate it multiplied in (a list that stays
+    empty for modules without one: SE, ECA, attention=none)."""
+    gates: List[torch.Tensor] = []
+    if not spec_for(type(module)).spatial_gate:
+        yield gates
+        return
+    module.record_gate = True
+    handle = module.register_forward_hook(lambda m, args, out: gates.append(m.gate))
+    try:
+        yield gates
+    finally:
+        handle.remove()
+        module.record_gate, module.gate = False, None
 
 
 def gate_of(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
-    """The spatial gate ``module`` multiplies into input ``x`` (broadcastable to it); None for
-    modules without one (SE, ECA: channel gates only; attention=none)."""
-    gate = GATES.get(type(module))
-    if gate is None:
-        return None
-    with torch.no_grad():
-        return gate(module, x.float())
+    """The spatial gate ``module`` multiplies into input ``x`` (broadcastable to it); None for modules
+    without one."""
+    with recording_gate(module) as gates, torch.no_grad():
+        module(x.float())
+    return gates[0] if gates else None
 
 
 def spatial_gate(module: nn.Module, x: torch.Tensor) -> Optional[torch.Tensor]:
@@ -181,11 +151,11 @@ def model_cells(trained: TrainedModel, x: torch.Tensor, layer: Optional[str], ga
         target = module.attn if isinstance(getattr(module, "attn", None), nn.Module) else module
         handle = target.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
     else:
-        path = layer or last_stage(model)
+        path = layer or last_stage(trained.config["model"]["name"])
         target = _module(model, path, "cam.layer")
         handle = target.register_forward_hook(lambda _, args, out: seen.append(out))
     try:
-        with torch.no_grad():
+        with recording_gate(target) if gate else contextlib.nullcontext([]) as gates, torch.no_grad():
             probs = torch.softmax(model(x).float(), dim=1)
     finally:
         handle.remove()
@@ -196,9 +166,9 @@ def model_cells(trained: TrainedModel, x: torch.Tensor, layer: Optional[str], ga
     size = "x".join(str(n) for n in seen[0].shape[-2:])
     if gate:
         what = f"spatial gate at {path} ({size})"
-        maps = spatial_gate(target, seen[0])
-        if maps is None:
+        if not gates:
             return [Cell(None, n, float(p), "no spatial gate") for n, p in zip(names, confidence)], what
+        maps = gates[0].float().mean(1)  # over channels (or channel groups)
         heat = F.interpolate(maps[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
         cells = []
         for h, n, p in zip(heat, names, confidence):

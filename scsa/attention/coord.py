@@ -7,12 +7,14 @@ bias-free squeeze conv, biased expand convs and width ``max(8, C / 32)``.
 import torch
 import torch.nn as nn
 
+from scsa.attention.gate import RecordsGate
 from scsa.attention.kernels import check_kernel, use_triton
+from scsa.attention.registry import register_attention
 
 __all__ = ["CoordAttention"]
 
 
-class CoordAttention(nn.Module):
+class CoordAttention(RecordsGate, nn.Module):
     """``x * a_w * a_h`` from a shared squeeze of the H- and W-direction means."""
 
     def __init__(self, channels: int, reduction: int = 32, min_channels: int = 8, kernel: str = "auto"):
@@ -26,7 +28,7 @@ class CoordAttention(nn.Module):
         self.conv_w = nn.Conv2d(hidden, channels, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_triton(self, x):
+        if not self.record_gate and use_triton(self, x):
             from scsa.attention.kernels.coord import coord_attention  # Triton kernels are defined on first use
             return coord_attention(x, self.conv1.weight.flatten(1), self.bn1, self.conv_h.weight.flatten(1),
                                    self.conv_h.bias, self.conv_w.weight.flatten(1), self.conv_w.bias)
@@ -37,4 +39,10 @@ class CoordAttention(nn.Module):
         y_h, y_w = torch.split(y, [h, w], dim=2)
         a_h = torch.sigmoid(self.conv_h(y_h))
         a_w = torch.sigmoid(self.conv_w(y_w.transpose(2, 3)))
+        if self.record_gate:
+            self.keep_gate(a_h * a_w)
         return x * a_w * a_h
+
+
+# mid: the CA paper inserts it right after the depthwise 3x3 conv of MobileNetV2's inverted residual
+register_attention("ca", CoordAttention, "mid")

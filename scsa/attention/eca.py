@@ -6,6 +6,7 @@ import torch
 from timm.layers import EcaModule
 
 from scsa.attention.kernels import check_kernel, use_triton
+from scsa.attention.registry import register_attention
 
 __all__ = ["ECA", "eca_kernel_size"]
 
@@ -43,3 +44,6 @@ class ECA(EcaModule):
             from scsa.attention.kernels.eca import eca  # Triton kernels are defined on first use
             return eca(x, self.conv.weight)
         return super().forward(x)
+
+
+register_attention("eca", ECA, "end")  # where the ECA paper put it

@@ -2,12 +2,14 @@
 import torch
 import torch.nn as nn
 
+from scsa.attention.gate import RecordsGate
 from scsa.attention.kernels import check_kernel, use_triton
+from scsa.attention.registry import register_attention
 
 __all__ = ["EMA"]
 
 
-class EMA(nn.Module):
+class EMA(RecordsGate, nn.Module):
     """Channel groups folded into the batch; a 1x1 branch (directional gates + GroupNorm) and a
     3x3 branch weight each other's pixels through a softmax over channels (cross-spatial step).
     """
@@ -25,7 +27,7 @@ class EMA(nn.Module):
         self.conv3x3 = nn.Conv2d(cg, cg, kernel_size=3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_triton(self, x):
+        if not self.record_gate and use_triton(self, x):
             from scsa.attention.kernels.ema import ema  # Triton kernels are defined on first use
             return ema(x, self.conv1x1.weight.flatten(1), self.conv1x1.bias, self.gn.weight, self.gn.bias,
                        self.conv3x3.weight, self.conv3x3.bias, self.groups, self.gn.eps)
@@ -39,4 +41,11 @@ class EMA(nn.Module):
         w1 = torch.softmax(x1.mean((2, 3)), dim=-1).unsqueeze(1)  # (BG, 1, C/G)
         w2 = torch.softmax(x2.mean((2, 3)), dim=-1).unsqueeze(1)
         weights = w1 @ x2.flatten(2) + w2 @ x1.flatten(2)  # (BG, 1, HW)
-        return (g * weights.view(-1, 1, h, w).sigmoid()).reshape(b, c, h, w)
+        gate = weights.view(-1, 1, h, w).sigmoid()  # one spatial map per channel group
+        if self.record_gate:
+            self.keep_gate(gate.view(b, self.groups, h, w).repeat_interleave(c // self.groups, dim=1))
+        return (g * gate).reshape(b, c, h, w)
+
+
+# mid: EMA extends CA and its paper compares the two, so it takes CA's place (the paper does not spell one out)
+register_attention("ema", EMA, "mid")

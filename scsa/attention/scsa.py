@@ -26,7 +26,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from scsa.attention.gate import RecordsGate
 from scsa.attention.kernels import check_kernel, exporting, use_triton
+from scsa.attention.registry import register_attention
 
 __all__ = ["SCSA"]
 
@@ -229,7 +231,7 @@ class _Out(torch.autograd.Function):
         return _gate_backward(st.a_c, st.t_h.sum(-1), st.kind, 1), None
 
 
-class SCSA(nn.Module):
+class SCSA(RecordsGate, nn.Module):
     """Spatial and channel synergistic attention; a fast, exact re-implementation.
 
     Args keep the authors' names so their configs carry over. Two deliberate departures
@@ -323,10 +325,10 @@ class SCSA(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[1] != self.channels:
             raise ValueError(f"SCSA({self.channels}) expects (B, {self.channels}, H, W), got {tuple(x.shape)}")
-        if use_triton(self, x):
+        if not self.record_gate and use_triton(self, x):
             from scsa.attention.kernels.scsa import scsa_triton  # imports triton: only on this path
             return scsa_triton(self, x)
-        if torch.compiler.is_compiling() or exporting():
+        if torch.compiler.is_compiling() or exporting() or self.record_gate:
             return self._forward_traceable(x)
         strip_params = [t for n in _STRIP_CONVS for t in (getattr(self, n).weight, getattr(self, n).bias)]
         strip_params += [self.norm_h.weight, self.norm_h.bias, self.norm_w.weight, self.norm_w.bias]
@@ -360,6 +362,8 @@ class SCSA(nn.Module):
                 return _gate(F.group_norm(z, 4, norm.weight.float(), norm.bias.float(), _GN_EPS), self.gate_layer, -1)
 
             a_h, a_w = strip_gate(x.mean(3), self.norm_h), strip_gate(x.mean(2), self.norm_w)
+            if self.record_gate:  # SMSA's a_h x a_w (PCSA's a_c then scales whole channels)
+                self.keep_gate(a_h[..., None] * a_w[:, :, None, :])
             xs = x * a_h.to(x.dtype)[..., None] * a_w.to(x.dtype)[:, :, None, :]
             window = self.pool_window(h, w)
             if self.window_size == -1 or self.down_sample_mode == "avg_pool":
@@ -391,3 +395,6 @@ def _check_args(channels: int, head_num: int, window_size: int, group_kernel_siz
         raise ValueError(f"SCSA down_sample_mode must be 'avg_pool' or 'max_pool' (got {down_sample_mode!r})")
     if gate_layer not in ("sigmoid", "softmax"):
         raise ValueError(f"SCSA gate_layer must be 'sigmoid' or 'softmax' (got {gate_layer!r})")
+
+
+register_attention("scsa", SCSA, "mid")  # where the SCSA authors put it

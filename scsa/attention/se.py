@@ -3,6 +3,7 @@ import torch
 from timm.layers import SEModule
 
 from scsa.attention.kernels import check_kernel, use_triton
+from scsa.attention.registry import register_attention
 
 __all__ = ["SE"]
 
@@ -23,3 +24,6 @@ class SE(SEModule):
             from scsa.attention.kernels.se import se  # Triton kernels are defined on first use
             return se(x, self.fc1.weight.flatten(1), self.fc2.weight.flatten(1))
         return super().forward(x)
+
+
+register_attention("se", SE, "end")  # where the SE paper put it

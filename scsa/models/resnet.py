@@ -4,22 +4,18 @@ The attention sits at one of two places in the residual branch:
 ``mid``: after the block's spatial conv-bn-act (the SCSA authors' wiring);
 ``end``: after the last BN, before the residual add (the SE/CBAM/ECA papers' wiring).
 """
-from typing import Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Type, Union
 
 import torch
 import torch.nn as nn
 from timm.models import resnet as timm_resnet
 
-AttnFactory = Callable[[int], nn.Module]
+from scsa.attention import check_position
+from scsa.models.backbone import AttnFactory, BackboneSpec, register_backbone
 
 
 def _attention(attn_layer: Optional[AttnFactory], channels: int) -> nn.Module:
     return attn_layer(channels) if attn_layer is not None else nn.Identity()
-
-
-def _check_position(position: str) -> None:
-    if position not in ("mid", "end"):
-        raise ValueError(f"unknown attention position '{position}': use 'mid' or 'end'")
 
 
 class BasicBlock(timm_resnet.BasicBlock):
@@ -27,7 +23,7 @@ class BasicBlock(timm_resnet.BasicBlock):
 
     def __init__(self, *args, attn_layer: Optional[AttnFactory] = None, attn_position: str = "end", **kwargs):
         super().__init__(*args, **kwargs)
-        _check_position(attn_position)
+        check_position(attn_position)
         self.attn_mid = attn_position == "mid"
         channels = self.conv1.out_channels if self.attn_mid else self.conv2.out_channels
         self.attn = _attention(attn_layer, channels)
@@ -50,7 +46,7 @@ class Bottleneck(timm_resnet.Bottleneck):
 
     def __init__(self, *args, attn_layer: Optional[AttnFactory] = None, attn_position: str = "end", **kwargs):
         super().__init__(*args, **kwargs)
-        _check_position(attn_position)
+        check_position(attn_position)
         self.attn_mid = attn_position == "mid"
         channels = self.conv2.out_channels if self.attn_mid else self.conv3.out_channels
         self.attn = _attention(attn_layer, channels)
@@ -69,20 +65,17 @@ class Bottleneck(timm_resnet.Bottleneck):
         return self.act3(x + shortcut)
 
 
-RESNET_LAYOUTS = {
-    "resnet18": (BasicBlock, (2, 2, 2, 2)),
-    "resnet34": (BasicBlock, (3, 4, 6, 3)),
-    "resnet50": (Bottleneck, (3, 4, 6, 3)),
-    "resnet101": (Bottleneck, (3, 4, 23, 3)),
-}
+def resnet_builder(block: Type[Union[BasicBlock, Bottleneck]], layers: Sequence[int],
+                   **arch: Any) -> Callable[..., nn.Module]:
+    """A ``BackboneSpec.build`` for timm's ``ResNet(block, layers, **arch)`` with attention in every block
+    (``arch``: timm's ResNet variants, e.g. ``cardinality``, ``stem_type``, ``avg_down``)."""
+    def build(attn_layer: Optional[AttnFactory], attn_position: str, **timm_args: Any) -> timm_resnet.ResNet:
+        return timm_resnet.ResNet(block, tuple(layers), **arch, **timm_args,
+                                  block_args=dict(attn_layer=attn_layer, attn_position=attn_position))
+    return build
 
 
-def build_resnet(name: str, attn_layer: Optional[AttnFactory], attn_position: str, num_classes: int,
-                 drop_rate: float = 0.0, drop_path_rate: float = 0.0, in_chans: int = 3) -> timm_resnet.ResNet:
-    """torchvision-equivalent ResNet (same parameter count) with attention in every block."""
-    block, layers = RESNET_LAYOUTS[name]
-    return timm_resnet.ResNet(
-        block, layers, num_classes=num_classes, in_chans=in_chans, drop_rate=drop_rate,
-        drop_path_rate=drop_path_rate,
-        block_args=dict(attn_layer=attn_layer, attn_position=attn_position),
-    )
+# torchvision-equivalent ResNets (same parameter counts), timm's names
+for _name, _block, _layers in (("resnet18", BasicBlock, (2, 2, 2, 2)), ("resnet34", BasicBlock, (3, 4, 6, 3)),
+                               ("resnet50", Bottleneck, (3, 4, 6, 3)), ("resnet101", Bottleneck, (3, 4, 23, 3))):
+    register_backbone(BackboneSpec(_name, resnet_builder(_block, _layers), timm_plain=_name))
