@@ -72,7 +72,8 @@ for r in rows:
     print(f"| {r['attention']} | {r.get('kernel') or '-'} | {r['compile']} | {r['img_per_s']:.0f} | {ratio:.3f} |")
 for log in ("kernel_decisions.log", "modules.log"):  # kernel=auto's decisions, then the per-module times
     if os.path.exists(os.path.join(out, log)):
-        print(f"\n{log}:\n" + "".join(l for l in open(os.path.join(out, log)) if l.startswith(("|", "device"))))
+        kept = "".join(l for l in open(os.path.join(out, log)) if l.startswith(("|", "device")) or not l.strip())
+        print(f"\n{log}:\n" + kept.strip() + "\n")
 for log in ("gate_tests.log", "rest_tests.log"):
     p = os.path.join(out, log)
     if os.path.exists(p):
