@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import scsa
 from scsa.attention import create_attention
@@ -196,6 +197,24 @@ def test_deciding_leaves_batchnorm_statistics_rng_and_grads_alone(monkeypatch):
     for name, value in state.items():
         assert torch.equal(value, state_ref[name]), name
     assert all(torch.equal(g, r) for g, r in zip(grads, grads_ref))
+
+
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_deciding_inside_activation_checkpointing(patch, reentrant):
+    """The first call, which decides, may be a checkpointed forward: the recomputation must match it."""
+    patch(StandIn(), Timer(triton=1.0, torch=2.0))
+    module = create_attention("se", 16).to(DEVICE)
+    eager = copy.deepcopy(module)
+    eager.kernel = "torch"
+    x, xe = se_input().requires_grad_(), se_input().requires_grad_()
+    with torch.no_grad():
+        xe.copy_(x)
+    checkpoint(module, x, use_reentrant=reentrant).square().sum().backward()
+    eager(xe).square().sum().backward()
+    assert scsa.kernel_decisions()[0]["chosen"] == "triton"
+    torch.testing.assert_close(x.grad, xe.grad, rtol=1e-6, atol=1e-6)
+    for p, q in zip(module.parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-6)
 
 
 def test_the_interpreted_kernels_agree_and_lose_to_eager_on_cpu():
