@@ -347,13 +347,14 @@ def _spawned(rank: int, port: int, outs: List[str]) -> None:
 
 @pytest.mark.slow
 def test_train_run_writes_kernels_json_and_the_log_table(tmp_path, subset, run_cli):
-    """train.py with kernel=auto in the interpreter: SE decides its four cases at the first step (eager wins)."""
+    """train.py with kernel=auto in the interpreter: SE decides its four cases at the first step (eager wins;
+    one thread, as in the test above)."""
     root = subset(2, 1, classes=4)
     run_dir = tmp_path / "run"
     result = run_cli(["train.py", "model=resnet18", "attention=se", f"data.root={root}", "data.image_size=32",
                       "data.val_resize=32", "data.batch_size=4", "data.workers=0", "data.loader=torch",
                       "trainer.epochs=1", "attention.kwargs.kernel=auto", "wandb.mode=disabled",
-                      f"hydra.run.dir={run_dir}"], env_extra={"TRITON_INTERPRET": "1"})
+                      f"hydra.run.dir={run_dir}"], env_extra={"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     decisions = json.loads((run_dir / "kernels.json").read_text())
     assert [d["shape"] for d in decisions] == [[4, 64, 8, 8], [4, 128, 4, 4], [4, 256, 2, 2], [4, 512, 1, 1]]
