@@ -47,8 +47,9 @@ BENCH=(python3 -m scsa.analysis.benchmark --models resnet50 --amp bf16 --batch-s
        --steps 6 --rounds 3)
 step 120 throughput_eager.log "${BENCH[@]}" --attentions none,scsa,se,eca,cbam,ca,ema --kernels torch,triton \
   --compile false --out "$OUT/throughput_eager.json"
-step 75 kernel_decisions.log python3 benchmarks/kernel_decisions.py --model resnet50 --attentions scsa,se,eca,cbam,ca,ema \
-  --batch-size 256 --amp bf16 --channels-last true --steps 2 --out "$OUT/kernel_decisions.json"
+step 75 kernel_decisions.log python3 benchmarks/kernel_decisions.py --model resnet50 \
+  --attentions scsa,se,eca,cbam,ca,ema --batch-size 256 --amp bf16 --channels-last true --steps 2 \
+  --out "$OUT/kernel_decisions.json"
 step 80 compiled_none.log "${BENCH[@]}" --attentions none --compile true --out "$OUT/compiled_none.json"
 for k in triton torch; do
   step 80 "compiled_scsa_$k.log" "${BENCH[@]}" --attentions scsa --kernels $k --compile true \
@@ -72,7 +73,8 @@ for r in rows:
     print(f"| {r['attention']} | {r.get('kernel') or '-'} | {r['compile']} | {r['img_per_s']:.0f} | {ratio:.3f} |")
 for log in ("kernel_decisions.log", "modules.log"):  # kernel=auto's decisions, then the per-module times
     if os.path.exists(os.path.join(out, log)):
-        print(f"\n{log}:\n" + "".join(l for l in open(os.path.join(out, log)) if l.startswith(("|", "device"))))
+        kept = "".join(l for l in open(os.path.join(out, log)) if l.startswith(("|", "device")) or not l.strip())
+        print(f"\n{log}:\n" + kept.strip() + "\n")
 for log in ("gate_tests.log", "rest_tests.log"):
     p = os.path.join(out, log)
     if os.path.exists(p):

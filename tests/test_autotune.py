@@ -22,6 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 import scsa
 from scsa.attention import create_attention
@@ -198,12 +199,35 @@ def test_deciding_leaves_batchnorm_statistics_rng_and_grads_alone(monkeypatch):
     assert all(torch.equal(g, r) for g, r in zip(grads, grads_ref))
 
 
+@pytest.mark.parametrize("reentrant", [False, True], ids=["non-reentrant", "reentrant"])
+def test_deciding_inside_activation_checkpointing(patch, reentrant):
+    """The first call, which decides, may be a checkpointed forward: the recomputation must match it."""
+    patch(StandIn(), Timer(triton=1.0, torch=2.0))
+    module = create_attention("se", 16).to(DEVICE)
+    eager = copy.deepcopy(module)
+    eager.kernel = "torch"
+    x, xe = se_input().requires_grad_(), se_input().requires_grad_()
+    with torch.no_grad():
+        xe.copy_(x)
+    checkpoint(module, x, use_reentrant=reentrant).square().sum().backward()
+    eager(xe).square().sum().backward()
+    assert scsa.kernel_decisions()[0]["chosen"] == "triton"
+    torch.testing.assert_close(x.grad, xe.grad, rtol=1e-6, atol=1e-6)
+    for p, q in zip(module.parameters(), eager.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-6)
+
+
 def test_the_interpreted_kernels_agree_and_lose_to_eager_on_cpu():
-    """The real thing, unpatched: Triton's interpreter agrees with eager, and is far slower."""
+    """The real thing, unpatched: Triton's interpreter agrees with eager, and is far slower (one thread: on a
+    busy machine, two threads' barriers can stall the eager path's few-microsecond ops for far longer)."""
     if ON_CUDA:
         pytest.skip("the interpreter runs on CPU")
-    module = create_attention("se", 16)
-    module(se_input())
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        create_attention("se", 16)(se_input())
+    finally:
+        torch.set_num_threads(threads)
     [decision] = scsa.kernel_decisions()
     assert decision["chosen"] == "torch" and decision["reason"] is None and decision["rel_err"] <= 1e-5
     assert decision["ms"]["triton"] > decision["ms"]["torch"]
@@ -323,13 +347,14 @@ def _spawned(rank: int, port: int, outs: List[str]) -> None:
 
 @pytest.mark.slow
 def test_train_run_writes_kernels_json_and_the_log_table(tmp_path, subset, run_cli):
-    """train.py with kernel=auto in the interpreter: SE decides its four cases at the first step (eager wins)."""
+    """train.py with kernel=auto in the interpreter: SE decides its four cases at the first step (eager wins;
+    one thread, as in the test above)."""
     root = subset(2, 1, classes=4)
     run_dir = tmp_path / "run"
     result = run_cli(["train.py", "model=resnet18", "attention=se", f"data.root={root}", "data.image_size=32",
                       "data.val_resize=32", "data.batch_size=4", "data.workers=0", "data.loader=torch",
                       "trainer.epochs=1", "attention.kwargs.kernel=auto", "wandb.mode=disabled",
-                      f"hydra.run.dir={run_dir}"], env_extra={"TRITON_INTERPRET": "1"})
+                      f"hydra.run.dir={run_dir}"], env_extra={"TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     decisions = json.loads((run_dir / "kernels.json").read_text())
     assert [d["shape"] for d in decisions] == [[4, 64, 8, 8], [4, 128, 4, 4], [4, 256, 2, 2], [4, 512, 1, 1]]

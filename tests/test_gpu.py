@@ -114,7 +114,8 @@ def test_auto_kernel_verifies_and_times_both_paths_on_cuda(dtype):
     for name in ("scsa", "se", "eca", "cbam", "ca", "ema"):
         module = scsa.create_attention(name, 128).cuda()
         x = torch.randn(32, 128, 28, 28, device="cuda", dtype=dtype).contiguous(memory_format=torch.channels_last)
-        module(x)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):  # as a bf16 run calls it
+            module(x)
         decision = scsa.kernel_decisions()[-1]
         assert decision["module"] == type(module).__name__ and decision["reason"] is None, decision
         assert set(decision["ms"]) == {"triton", "torch"} and decision["chosen"] == min(decision["ms"],

@@ -202,13 +202,19 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"{device.type} (Triton interpreter)"
 
 
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
 def _decide(module: nn.Module, x: torch.Tensor, key: Key) -> Decision:
     start = time.perf_counter()
     kernel, buffers = module.kernel, [b.clone() for b in module.buffers()]
     devices = [x.device] if x.is_cuda else []
     try:
+        # saved_tensors_hooks: the candidates' autograd saves its own tensors, not through the hooks of a
+        # non-reentrant activation checkpoint around this call (which count what the forward saves)
         with torch.random.fork_rng(devices, device_type=x.device.type), torch.inference_mode(False), \
-                torch.enable_grad():
+                torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_keep, _keep):
             xi = x.detach().clone().requires_grad_()
             grad = torch.randn_like(xi)
             reason, max_diff, rel = _check(module, xi, grad, _tolerance(x, key[3]))
