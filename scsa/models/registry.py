@@ -10,7 +10,7 @@ module's own (``head_num=2``), with the same defaults (``mobilenetv2_ema``: ``fa
 spec's). The plain backbones stay timm's own.
 """
 from functools import partial
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import timm.models
 import torch.nn as nn
@@ -22,7 +22,7 @@ from scsa.attention.registry import AttentionSpec, list_attentions, subscribe
 from scsa.models.backbone import BackboneSpec, backbone_spec, list_backbones, subscribe_backbones
 from scsa.models.factory import create_model
 
-__all__ = ["model_names", "timm_name"]
+__all__ = ["ATTENTIONS", "MODEL_NAMES", "model_names", "timm_name"]
 
 _REGISTERED: List[str] = []
 default_cfgs: Dict[str, Any] = {}  # timm's register_model reads each name's cfg here
@@ -101,3 +101,12 @@ def _on_attention(attention: AttentionSpec) -> None:
 
 subscribe_backbones(_on_backbone)
 subscribe(_on_attention)
+
+
+def __getattr__(name: str) -> Tuple[str, ...]:
+    """The names before ``model_names()``: ``MODEL_NAMES`` and ``ATTENTIONS`` (the attentions with timm names)."""
+    if name == "MODEL_NAMES":
+        return tuple(model_names())
+    if name == "ATTENTIONS":
+        return tuple(a for a in list_attentions() if a != "none")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
