@@ -13,7 +13,7 @@ import torch.nn as _nn
 
 from scsa.models.registry import MODEL_NAMES as _MODEL_NAMES
 
-dependencies = ["torch", "timm", "safetensors"]
+dependencies = ["torch", "timm", "safetensors", "numpy"]  # pyproject.toml's, checked by torch.hub before loading
 
 
 def _entry(name: str) -> _typing.Callable[..., _nn.Module]:

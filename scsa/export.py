@@ -31,6 +31,9 @@ __all__ = ["FORMATS", "ExportError", "OnnxExport", "VerificationError", "default
 
 FORMATS = ("safetensors", "onnx")
 ONNX_INPUT, ONNX_OUTPUT = "images", "logits"
+# The dynamic-size trace's (height, width): no size derived from it is 1 (SCSA's 7 px windows come twice
+# or more on every stage at stride 32) and height != width, so the exporter fixes neither to its traced value.
+TRACE_SIZE = (480, 512)
 RUNTIME_KWARGS = ("kernel",)  # where a model runs is the loader's choice, not part of the architecture
 TIMM_PLAIN = {"mobilenetv2": "mobilenetv2_100"}  # timm's names for the backbones without attention
 
@@ -147,7 +150,7 @@ def export_onnx(trained: TrainedModel, out: Path, opset: int = 18, dynamic_size:
     """
     size = int(trained.config["data"]["image_size"])
     path = out / "model.onnx"
-    example = torch.randn(2, 3, size, size)
+    example = torch.randn(2, 3, *(TRACE_SIZE if dynamic_size else (size, size)))
     axes = {0: torch.export.Dim("batch")}
     if dynamic_size:
         axes.update({2: torch.export.Dim("height"), 3: torch.export.Dim("width")})
