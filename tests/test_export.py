@@ -131,6 +131,19 @@ def input_dims(path) -> list:
     return [d.dim_param or d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
 
 
+@pytest.mark.parametrize("max_pool", [False, True])
+def test_scsas_export_pooling_equals_torchs_at_every_window(max_pool):
+    """Under export SCSA pools through size-following masks (ONNX pools take a fixed kernel): the same windows,
+    whole ones only, as F.avg_pool2d/max_pool2d, also where the window shrinks to a small map."""
+    from scsa.attention.scsa import SCSA, _window_pool_any_size
+    pool = torch.nn.functional.max_pool2d if max_pool else torch.nn.functional.avg_pool2d
+    module = SCSA(8, window_size=7)
+    for h, w in ((16, 16), (13, 20), (7, 7), (5, 9), (3, 30)):
+        x = torch.randn(2, 8, h, w)
+        window = module.pool_window(h, w)
+        torch.testing.assert_close(_window_pool_any_size(x, window, max_pool), pool(x, window, window))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("attention", scsa.list_attentions())
 def test_onnx_matches_pytorch_for_every_attention(tmp_path, attention):
