@@ -30,7 +30,7 @@ from scsa.training import distributed
 from scsa.training.evaluator import evaluate
 from scsa.training.precision import Precision
 from scsa.errors import UserError
-from scsa.export import VerificationError, export_checkpoint
+from scsa.export import ExportError, export_checkpoint
 from scsa.trained import load_trained
 
 
@@ -103,10 +103,14 @@ def export(cfg: DictConfig) -> dict:
     options = OmegaConf.to_container(cfg.export)
     try:
         summary = export_checkpoint(cfg.checkpoint, options.pop("format"), options.pop("out"), cfg.ema, **options)
-    except VerificationError as e:
-        sys.exit(f"error: {e}")  # exit 1: a wrong export is a bug, not bad input
-    check = (f"onnxruntime vs PyTorch: max abs difference {summary['max_abs_diff']:.2g}"
-             if "max_abs_diff" in summary else "reloaded through timm: bitwise equal")
+    except ExportError as e:
+        sys.exit(f"error: {e}")  # exit 1: a wrong export is a bug or the exporter's limit, not bad input
+    if summary["export"] == "onnx":
+        sizes = " and ".join(f"{h}x{w}" for h, w in summary["verified_sizes"])
+        check = (f"opset {summary['opset']}, dynamic {'/'.join(summary['dynamic_axes'])}; onnxruntime vs PyTorch at "
+                 f"{sizes}: max abs difference {summary['max_abs_diff']:.2g}")
+    else:
+        check = "reloaded through timm: bitwise equal"
     print(f"exported {', '.join(summary['files'])} ({check})")
     print(json.dumps(summary))
     return summary

@@ -7,14 +7,15 @@
   pretrained=True, pretrained_cfg_overlay=dict(file=".../model.safetensors"))``. The
   architecture is ``<backbone>_<attention>`` (``scsa.models.registry``), or without attention
   timm's own backbone.
-- ``onnx``: ``model.onnx`` (input ``images``, output ``logits``, a dynamic batch axis) through
-  torch's dynamo exporter, then checked against PyTorch with onnxruntime on the CPU.
+- ``onnx``: ``model.onnx`` (input ``images``, output ``logits``; batch, height and width dynamic) through
+  torch's dynamo exporter, its opset read back from the file, then checked against PyTorch with onnxruntime
+  on the CPU at two image sizes.
 """
 import contextlib
 import logging
 import os
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import timm
@@ -28,24 +29,39 @@ from scsa.models.factory import import_class
 from scsa.models.registry import timm_name
 from scsa.trained import TrainedModel, load_trained
 
-__all__ = ["FORMATS", "VerificationError", "default_export_dir", "export_checkpoint", "export_onnx",
-           "export_safetensors", "timm_model_args", "verify_onnx", "verify_safetensors"]
+__all__ = ["FORMATS", "ExportError", "OnnxExport", "VerificationError", "default_export_dir", "export_checkpoint",
+           "export_onnx", "export_safetensors", "timm_model_args", "verify_onnx", "verify_safetensors"]
 
 FORMATS = ("safetensors", "onnx")
 ONNX_INPUT, ONNX_OUTPUT = "images", "logits"
+# The dynamic-size trace's (height, width): no size derived from it is 1 (SCSA's 7 px windows come twice
+# or more on every stage at stride 32) and height != width, so the exporter fixes neither to its traced value.
+TRACE_SIZE = (480, 512)
 
 
-class VerificationError(RuntimeError):
+class ExportError(RuntimeError):
+    """The export is not what was asked for: a bug or a limit of the exporter, not bad input (exit 1)."""
+
+
+class VerificationError(ExportError):
     """The exported model's outputs differ from PyTorch's by more than the tolerance."""
 
 
+class OnnxExport(NamedTuple):
+    path: Path
+    opset: int                        # read back from the file
+    dynamic_axes: List[str]           # of the input, e.g. ["batch", "height", "width"]
+    verified_sizes: List[Tuple[int, int]]  # (height, width) onnxruntime was checked at
+    max_abs_diff: float               # onnxruntime vs PyTorch, over all verified sizes
+
+
 @contextlib.contextmanager
-def _quiet(*loggers: str) -> Iterator[None]:
-    """Warnings only from these libraries' loggers: their INFO lines (one per deduplicated ONNX
+def _quiet(*loggers: str, level: int = logging.WARNING) -> Iterator[None]:
+    """Only ``level`` and above from these libraries' loggers: their INFO lines (one per deduplicated ONNX
     initializer, one per loaded file) would bury the export's own report."""
     saved = {name: logging.getLogger(name).level for name in loggers}
     for name in loggers:
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(level)
     try:
         yield
     finally:
@@ -118,9 +134,25 @@ def verify_safetensors(out: Path, model: nn.Module) -> None:
                                 f"exported weights: the export is wrong")
 
 
-def export_onnx(trained: TrainedModel, out: Path, opset: int = 18, verify_batch: int = 4,
-                atol: float = 1e-4) -> Tuple[Path, float]:
-    """Write ``out/model.onnx`` and verify it (``verify_onnx``); return its path and the max abs difference.
+def _onnx_opset(path: Path) -> int:
+    """The default-domain opset the file at ``path`` declares: what a runtime will be asked to support."""
+    import onnx  # imported when asked for: most commands never export
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
+
+
+def _verify_sizes(size: int, dynamic_size: bool) -> List[Tuple[int, int]]:
+    """(height, width) to check at: the training size, and with dynamic sizes one taller and wider, not square
+    (a height/width mix-up shows only there)."""
+    return [(size, size), (size + 32, size + 64)] if dynamic_size else [(size, size)]
+
+
+def export_onnx(trained: TrainedModel, out: Path, opset: int = 18, dynamic_size: bool = True, verify_batch: int = 4,
+                atol: float = 1e-4) -> OnnxExport:
+    """Write ``out/model.onnx`` (dynamic batch axis; with ``dynamic_size`` dynamic height and width too), check
+    it declares ``opset`` and verify it (``verify_onnx``) at the training size and, with ``dynamic_size``, at
+    another; an ``ExportError`` when the exporter wrote another opset (the file is removed).
 
     torch's dynamo exporter traces through ``torch.export``, under which ``torch.compiler.is_compiling()``
     and ``scsa.attention.kernels.exporting()`` hold: every attention module takes its plain-op path,
@@ -128,14 +160,26 @@ def export_onnx(trained: TrainedModel, out: Path, opset: int = 18, verify_batch:
     """
     size = int(trained.config["data"]["image_size"])
     path = out / "model.onnx"
-    example = torch.randn(2, 3, size, size)
-    with _quiet("onnx_ir", "onnxscript"):
+    example = torch.randn(2, 3, *(TRACE_SIZE if dynamic_size else (size, size)))
+    axes = {0: torch.export.Dim("batch")}
+    if dynamic_size:
+        axes.update({2: torch.export.Dim("height"), 3: torch.export.Dim("width")})
+    # ERROR: a failed opset conversion is logged with its traceback as a warning; the opset check below reports it
+    with _quiet("onnx_ir", "onnxscript", level=logging.ERROR):
         torch.onnx.export(trained.model, (example,), str(path), dynamo=True, opset_version=opset,
                           input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
-                          dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False)
+                          dynamic_shapes=(axes,), external_data=False, verbose=False)
+    written = _onnx_opset(path)
+    if written != opset:
+        path.unlink()
+        raise ExportError(f"torch's ONNX exporter cannot write opset {opset} for this model (it wrote {written} "
+                          f"instead, now removed): use opset {written} (export.opset={written}), or a torch and "
+                          f"onnxscript that convert to {opset}")
     generator = torch.Generator().manual_seed(0)
-    images = torch.randn(verify_batch, 3, size, size, generator=generator)  # another batch size than the trace's
-    return path, verify_onnx(path, trained.model, images, atol)
+    sizes = _verify_sizes(size, dynamic_size)
+    diffs = [verify_onnx(path, trained.model, torch.randn(verify_batch, 3, h, w, generator=generator), atol)
+             for h, w in sizes]  # another batch size than the trace's
+    return OnnxExport(path, written, ["batch", *(["height", "width"] if dynamic_size else [])], sizes, max(diffs))
 
 
 def verify_onnx(path: Path, model: nn.Module, images: torch.Tensor, atol: float = 1e-4) -> float:
@@ -149,8 +193,9 @@ def verify_onnx(path: Path, model: nn.Module, images: torch.Tensor, atol: float 
         want = model.eval()(images).numpy()
     diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
     if not diff <= atol:
-        raise VerificationError(f"'{path}' differs from PyTorch's outputs by up to {diff:.3g} (tolerance {atol:g}, "
-                                f"output shapes {got.shape} vs {want.shape}): the export is wrong, do not deploy it")
+        raise VerificationError(f"'{path}' differs from PyTorch's outputs by up to {diff:.3g} on {tuple(images.shape)} "
+                                f"images (tolerance {atol:g}, output shapes {got.shape} vs {want.shape}): the export "
+                                f"is wrong, do not deploy it")
     return diff
 
 
@@ -168,7 +213,8 @@ def _writable_dir(out: Path) -> Path:
 def export_checkpoint(checkpoint: str, fmt: str, out: Optional[str] = None, ema: bool = False,
                       **onnx_options: Any) -> Dict[str, Any]:
     """``evaluate.py checkpoint=PATH export=FORMAT``: export the checkpoint's weights (or with ``ema`` its
-    EMA's), verify the result, and summarise it. ``onnx_options``: ``export_onnx``'s opset, verify_batch, atol."""
+    EMA's), verify the result, and summarise it. ``onnx_options``: ``export_onnx``'s opset, dynamic_size,
+    verify_batch, atol."""
     if fmt not in FORMATS:
         raise UserError(f"unknown export format {fmt!r}: use export=safetensors or export=onnx")
     out_dir = _writable_dir(Path(out) if out else default_export_dir(Path(checkpoint), ema))
@@ -179,5 +225,6 @@ def export_checkpoint(checkpoint: str, fmt: str, out: Optional[str] = None, ema:
         files = export_safetensors(trained, out_dir)
         verify_safetensors(out_dir, trained.model)
         return {**summary, "architecture": name, "files": [str(p) for p in files.values()], "bitwise": True}
-    path, diff = export_onnx(trained, out_dir, **onnx_options)
-    return {**summary, "files": [str(path)], "max_abs_diff": diff}
+    onnx = export_onnx(trained, out_dir, **onnx_options)
+    return {**summary, "files": [str(onnx.path)], "opset": onnx.opset, "dynamic_axes": onnx.dynamic_axes,
+            "verified_sizes": [list(s) for s in onnx.verified_sizes], "max_abs_diff": onnx.max_abs_diff}

@@ -20,7 +20,6 @@ from scsa.export import (VerificationError, default_export_dir, export_checkpoin
 from scsa.models import backbone_spec, list_backbones
 from scsa.trained import TrainedModel
 
-ATTENTIONS = list_attentions()
 IMAGENET_MEAN, IMAGENET_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 
 
@@ -140,20 +139,38 @@ def run_onnx(path, images: torch.Tensor) -> np.ndarray:
     return session.run(None, {"images": images.numpy()})[0]
 
 
+def input_dims(path) -> list:
+    """The input's axes as the file declares them: a name where dynamic, a size where fixed."""
+    return [d.dim_param or d.dim_value for d in onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim]
+
+
+@pytest.mark.parametrize("max_pool", [False, True])
+def test_scsas_export_pooling_equals_torchs_at_every_window(max_pool):
+    """Under export SCSA pools through size-following masks (ONNX pools take a fixed kernel): the same windows,
+    whole ones only, as F.avg_pool2d/max_pool2d, also where the window shrinks to a small map."""
+    from scsa.attention.scsa import SCSA, _window_pool_any_size
+    pool = torch.nn.functional.max_pool2d if max_pool else torch.nn.functional.avg_pool2d
+    module = SCSA(8, window_size=7)
+    for h, w in ((16, 16), (13, 20), (7, 7), (5, 9), (3, 30)):
+        x = torch.randn(2, 8, h, w)
+        window = module.pool_window(h, w)
+        torch.testing.assert_close(_window_pool_any_size(x, window, max_pool), pool(x, window, window))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("attention", ATTENTIONS)
+@pytest.mark.parametrize("attention", scsa.list_attentions())
 def test_onnx_matches_pytorch_for_every_attention(tmp_path, attention):
     trained = make_trained("resnet18", attention, classes=10, image_size=64)
-    path, diff = export_onnx(trained, tmp_path)
-    assert diff <= 1e-4
-    batch = onnx.load(str(path)).graph.input[0].type.tensor_type.shape.dim[0]
-    assert batch.dim_param and not batch.dim_value  # a dynamic batch axis
-    for n in (1, 5):
-        images = torch.randn(n, 3, 64, 64)
+    exported = export_onnx(trained, tmp_path)
+    assert exported.max_abs_diff <= 1e-4 and exported.verified_sizes == [(64, 64), (96, 128)]
+    assert input_dims(exported.path) == ["batch", 3, "height", "width"]
+    assert exported.opset == 18 == onnx.load(str(exported.path)).opset_import[0].version
+    for n, height, width in ((1, 64, 64), (5, 72, 40)):  # two image sizes besides the export's own checks
+        images = torch.randn(n, 3, height, width)
         with torch.no_grad():
             want = trained.model(images).numpy()
         assert np.abs(want).max() > 0.1  # logits large enough for 1e-4 to mean something
-        np.testing.assert_allclose(run_onnx(path, images), want, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(run_onnx(exported.path, images), want, rtol=0, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -161,17 +178,17 @@ def test_onnx_matches_pytorch_for_every_attention(tmp_path, attention):
 def test_onnx_matches_pytorch_for_every_backbone(tmp_path, backbone, attention):
     """Each backbone with one attention module (each module on one backbone), at 32 px."""
     trained = make_trained(backbone, attention, classes=10, image_size=32)
-    _, diff = export_onnx(trained, tmp_path)
-    assert diff <= 1e-4
+    assert export_onnx(trained, tmp_path).max_abs_diff <= 1e-4
 
 
 @pytest.mark.slow
-def test_onnx_verification_fails_loudly_on_a_wrong_export(tmp_path):
+def test_onnx_with_a_fixed_size_and_verification_failing_loudly(tmp_path):
     trained = make_trained("resnet18", "eca", image_size=32)
-    path, _ = export_onnx(trained, tmp_path)
+    exported = export_onnx(trained, tmp_path, dynamic_size=False)
+    assert input_dims(exported.path) == ["batch", 3, 32, 32] and exported.verified_sizes == [(32, 32)]
     trained_like(trained.model, seed=1)  # PyTorch's weights move on: the file no longer matches them
     with pytest.raises(VerificationError, match="differs from PyTorch's outputs by up to .* do not deploy it"):
-        verify_onnx(path, trained.model, torch.randn(2, 3, 32, 32))
+        verify_onnx(exported.path, trained.model, torch.randn(2, 3, 32, 32))
 
 
 class TimmFPN(nn.Module):
@@ -240,8 +257,16 @@ def test_evaluate_exports_a_trained_checkpoint(tmp_path, subset, run_cli):
     result = export("export=onnx")
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert report["files"] == [str(run_dir / "checkpoints" / "last_export" / "model.onnx")]
-    assert report["max_abs_diff"] <= 1e-4 and "max abs difference" in result.stdout
+    onnx_file = run_dir / "checkpoints" / "last_export" / "model.onnx"
+    assert report["files"] == [str(onnx_file)] and report["opset"] == onnx.load(str(onnx_file)).opset_import[0].version
+    assert report["dynamic_axes"] == ["batch", "height", "width"] and report["verified_sizes"] == [[32, 32], [64, 96]]
+    assert report["max_abs_diff"] <= 1e-4 and "opset 18, dynamic batch/height/width" in result.stdout
+
+    # torch 2.14's converter has no way down to 17 for this model: it writes 18, which must not pass for 17
+    result = export("export=onnx", "export.opset=17", f"export.out={tmp_path / 'opset17'}")
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.strip().splitlines()[-1].startswith("error: torch's ONNX exporter cannot write opset 17")
+    assert not (tmp_path / "opset17" / "model.onnx").exists() and "opset" not in result.stdout
 
     result = export("export=onnx", f"export.out={checkpoint_path}/sub")  # under a file
     assert result.returncode == 2 and "cannot create the export folder" in result.stderr

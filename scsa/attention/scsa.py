@@ -298,7 +298,8 @@ class SCSA(RecordsGate, nn.Module):
         """PCSA's pooling window for an ``h x w`` map (shrunk to fit small maps)."""
         if self.window_size == -1:
             return h, w
-        return min(self.window_size, h), min(self.window_size, w)
+        # sym_min: under export h and w are symbols, and the window follows them (min would fix it at the trace's)
+        return torch.sym_min(self.window_size, h), torch.sym_min(self.window_size, w)
 
     def _channel_logits(self, y: torch.Tensor) -> torch.Tensor:
         """PCSA's logits (B, C): self-attention between channels over the pooled tokens.
@@ -366,10 +367,13 @@ class SCSA(RecordsGate, nn.Module):
                 self.keep_gate(a_h[..., None] * a_w[:, :, None, :])
             xs = x * a_h.to(x.dtype)[..., None] * a_w.to(x.dtype)[:, :, None, :]
             window = self.pool_window(h, w)
-            if self.window_size == -1 or self.down_sample_mode == "avg_pool":
-                y = F.avg_pool2d(xs, window, window)
-            else:
+            max_pool = self.window_size != -1 and self.down_sample_mode == "max_pool"
+            if exporting():
+                y = _window_pool_any_size(xs, window, max_pool)
+            elif max_pool:
                 y = F.max_pool2d(xs, window, window)
+            else:
+                y = F.avg_pool2d(xs, window, window)
             a_c = _gate(self._channel_logits(y.float()), self.gate_layer, 1)
             return xs * a_c.to(x.dtype)[..., None, None]
 
@@ -377,6 +381,22 @@ class SCSA(RecordsGate, nn.Module):
         return (f"{self.channels}, head_num={self.head_num}, window_size={self.window_size}, "
                 f"group_kernel_sizes={self.group_kernel_sizes}, down_sample_mode={self.down_sample_mode!r}, "
                 f"attn_drop_ratio={self.attn_drop_ratio}, gate_layer={self.gate_layer!r}")
+
+
+def _window_pool_any_size(x: torch.Tensor, window: Tuple[int, int], max_pool: bool) -> torch.Tensor:
+    """``F.avg_pool2d(x, window, window)`` (or max) in ops whose sizes follow the map's, for exporters: ONNX's
+    pooling takes a constant kernel, but the window shrinks with maps smaller than ``window_size``. Each axis
+    is reduced through a (windows, size) membership mask; rows past the last whole window belong to none."""
+    def mask(size, step) -> torch.Tensor:
+        positions = torch.arange(size, device=x.device)
+        return positions[None, :] // step == torch.arange(size // step, device=x.device)[:, None]
+
+    in_h, in_w = mask(x.shape[2], window[0]), mask(x.shape[3], window[1])
+    if not max_pool:
+        return torch.einsum("ih,bchw,jw->bcij", in_h.to(x.dtype) / window[0], x, in_w.to(x.dtype) / window[1])
+    lowest = torch.finfo(x.dtype).min
+    rows = x[:, :, None].masked_fill(~in_h[:, :, None], lowest).amax(3)  # (B, C, Hp, W)
+    return rows[:, :, :, None].masked_fill(~in_w, lowest).amax(4)  # (B, C, Hp, Wp)
 
 
 def _check_args(channels: int, head_num: int, window_size: int, group_kernel_sizes: Sequence[int],
