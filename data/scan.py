@@ -2,7 +2,8 @@
 
 Every image under ROOT is opened, verified and fully decoded with PIL in parallel. Unreadable or
 truncated files are written to ``ROOT/bad_files.txt`` (paths relative to ROOT), which both loaders
-skip. Readable files in an unusual encoding (CMYK, or PNG data named .JPEG, as ImageNet has a few
+and ``python -m data.make_shards`` skip. A shard folder (``manifest.json``) gets every shard's sha256
+checked against its manifest instead. Readable files in an unusual encoding (CMYK, or PNG data named .JPEG, as ImageNet has a few
 of) are only reported as 'needs-conversion': PIL and DALI decode them, slower tools may not.
 """
 import argparse
@@ -81,6 +82,14 @@ def main(argv: List[str] = None) -> None:
     args = parser.parse_args(argv)
     if not Path(args.root).is_dir():
         raise UserError(f"'{args.root}' is not a folder: pass the dataset root that holds train/ and val/")
+    from data.shards import is_shard_root, verify
+    if is_shard_root(args.root):  # a shard folder: every shard's sha256 against its manifest
+        problems = verify(args.root)
+        print("\n".join(problems + [f"{len(problems)} shards differ from {args.root}/manifest.json"]))
+        if problems:
+            raise UserError(f"{len(problems)} damaged shards in '{args.root}': convert again (python -m "
+                            f"data.make_shards SRC {args.root}) or restore them")
+        return
     found = scan(args.root, args.workers)
     for status in (NEEDS_CONVERSION, UNREADABLE):
         for path, reason in sorted(found[status].items()):

@@ -1,0 +1,143 @@
+"""A folder of tar shards (``python -m data.make_shards``) as a ``data.order.Source``.
+
+Start-up reads ``manifest.json`` and memory-maps the split's sample table (``<split>.npy``: id,
+label, shard, offset and size of every image's bytes); it walks nothing per image, and forked
+workers share the table's pages instead of copying Python lists. The only per-shard work is one
+``stat`` to check each shard's size against the manifest (a truncated or replaced shard is
+caught before training; ``python -m data.scan DST`` checks every sha256).
+
+Why positioned reads and not a streaming tar reader: the epoch order (``data.order``) is one
+global order of samples for any number of ranks, fixed by (seed, epoch) and kept by identity
+when a job resumes on another world size. webdataset's ``WebDataset`` and DALI's
+``fn.readers.webdataset`` hand out whole shards per rank/worker and shuffle inside a buffer,
+so the samples a rank sees depend on the world size and the worker count, and a position
+can't be carried from 2 ranks to 1. Reading ``size`` bytes at ``offset`` (``os.pread``) gives
+random access to any sample; ``data.order`` groups the order by windows of shards, so ranks
+still read a few shards at a time, mostly forward.
+"""
+import hashlib
+import json
+import os
+import tarfile
+from collections import OrderedDict
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from data.make_shards import FORMAT, MANIFEST, TAR_BLOCK
+from scsa.errors import UserError
+
+OPEN_SHARDS = 64  # file descriptors kept open per process (least recently used closed first)
+
+
+def is_shard_root(root: str) -> bool:
+    """Whether ``root`` is a shard folder (it has a ``manifest.json``)."""
+    return (Path(root) / MANIFEST).is_file()
+
+
+def read_manifest(root: str) -> Dict:
+    path = Path(root) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as e:
+        raise UserError(f"'{path}' is not valid JSON ({e}): convert again with python -m data.make_shards") from None
+    if manifest.get("format") != FORMAT:
+        raise UserError(f"'{path}' is not a {FORMAT} manifest: convert with python -m data.make_shards")
+    return manifest
+
+
+def _reconvert(root: str) -> str:
+    return f"convert again (python -m data.make_shards SRC {root}) or restore the shard folder"
+
+
+class ShardSource:
+    """One split of a shard folder: ``ids``, ``labels``, ``groups`` (the shard of each sample) as
+    views of the memory-mapped table; ``read(i)`` is one positioned read."""
+
+    def __init__(self, root: str, split: str, manifest: Optional[Dict] = None):
+        self.root = Path(root)
+        manifest = manifest or read_manifest(root)
+        if split not in manifest["splits"] or not manifest["splits"][split]["samples"]:
+            raise UserError(f"shard folder '{root}' has no {split} split: convert an ImageFolder root with "
+                            f"{split}/ (python -m data.make_shards SRC {root})")
+        info = manifest["splits"][split]
+        self.classes: List[str] = list(manifest["classes"])
+        self.shards: List[str] = [s["path"] for s in info["shards"]]
+        try:
+            table = np.load(self.root / info["table"], mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot read the sample table '{self.root / info['table']}' ({e}): {_reconvert(root)}") \
+                from None
+        if len(table) != info["samples"] or len(table) != sum(s["count"] for s in info["shards"]):
+            raise UserError(f"'{self.root / info['table']}' lists {len(table)} samples, the manifest "
+                            f"{info['samples']}: {_reconvert(root)}")
+        for shard in info["shards"]:
+            path = self.root / shard["path"]
+            size = path.stat().st_size if path.is_file() else None
+            if size != shard["bytes"]:
+                found = "is missing" if size is None else f"has {size} bytes"
+                raise UserError(f"shard '{path}' {found}, the manifest says {shard['bytes']}: {_reconvert(root)}")
+        self.ids, self.labels, self.groups = table["id"], table["label"], table["shard"]
+        self._offsets, self._sizes = table["offset"], table["size"]
+        self._files: "OrderedDict[int, int]" = OrderedDict()
+        self._pid = os.getpid()
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():  # a forked worker: its own descriptors (pread is safe, but LRU closes are not)
+            self._files, self._pid = OrderedDict(), os.getpid()
+        fd = self._files.pop(shard, None)
+        if fd is None:
+            fd = os.open(self.root / self.shards[shard], os.O_RDONLY)
+            if len(self._files) >= OPEN_SHARDS:
+                os.close(self._files.popitem(last=False)[1])
+        self._files[shard] = fd
+        return fd
+
+    def _member(self, index: int) -> "tuple[tarfile.TarInfo | None, bytes]":
+        """The tar header in front of sample ``index``'s bytes (None if it doesn't parse) and the bytes."""
+        shard, offset, size = int(self.groups[index]), int(self._offsets[index]), int(self._sizes[index])
+        block = os.pread(self._fd(shard), TAR_BLOCK + size, offset - TAR_BLOCK)
+        try:
+            header = tarfile.TarInfo.frombuf(block[:TAR_BLOCK], "utf-8", "surrogateescape")
+        except tarfile.TarError:
+            header = None
+        return header, block[TAR_BLOCK:]
+
+    def read(self, index: int) -> bytes:
+        """Sample ``index``'s stored image bytes; a truncated or corrupt shard raises a UserError naming it."""
+        header, data = self._member(index)
+        if header is None or header.size != len(data) or header.size != int(self._sizes[index]):
+            raise UserError(f"shard '{self.root / self.shards[int(self.groups[index])]}' is truncated or corrupt at "
+                            f"sample {self.name(index)}: {_reconvert(str(self.root))}")
+        return data
+
+    def name(self, index: int) -> str:
+        """``<shard>:<member>`` (the member named by its tar header, or its byte offset if that is unreadable)."""
+        shard = self.root / self.shards[int(self.groups[index])]
+        try:
+            header, _ = self._member(index)
+        except OSError:
+            header = None
+        return f"{shard}:{header.name if header is not None else f'offset {int(self._offsets[index])}'}"
+
+
+def verify(root: str) -> List[str]:
+    """Problems found by checking every shard's size and sha256 against the manifest (empty: all good)."""
+    problems = []
+    for info in read_manifest(root)["splits"].values():
+        for shard in info["shards"]:
+            path = Path(root) / shard["path"]
+            if not path.is_file():
+                problems.append(f"{path}: missing")
+                continue
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() != shard["sha256"]:
+                problems.append(f"{path}: sha256 differs from the manifest's")
+    return problems
