@@ -8,11 +8,12 @@ of) are only reported as 'needs-conversion': PIL and DALI decode them, slower to
 """
 import argparse
 import contextlib
+import io
 import os
 import sys
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from PIL import Image
 
@@ -23,12 +24,15 @@ OK, NEEDS_CONVERSION, UNREADABLE = "ok", "needs-conversion", "unreadable"
 _JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
-def check_image(path: str) -> Tuple[str, str]:
-    """(status, reason) of one image: OK, NEEDS_CONVERSION or UNREADABLE."""
+def check_image(path: str, data: Optional[bytes] = None) -> Tuple[str, str]:
+    """(status, reason) of one image (its encoded ``data`` if given, else the file at ``path``):
+    OK, NEEDS_CONVERSION or UNREADABLE."""
+    def open_image():
+        return Image.open(path if data is None else io.BytesIO(data))
     try:
-        with Image.open(path) as image:
+        with open_image() as image:
             image.verify()  # structure and checksums; the image object is unusable afterwards
-        with Image.open(path) as image:
+        with open_image() as image:
             image.load()  # the full decode catches truncated JPEGs that verify() lets through
             fmt, mode = image.format, image.mode
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
