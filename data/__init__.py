@@ -19,6 +19,7 @@ from PIL import Image
 from data.device import DeviceLoader, normalise
 from data.folder import FolderSource, check_dataset_root
 from data.order import Source
+from data.shards import is_shard_root, open_shard_sources
 from data.torch_loader import build_torch_loader, val_transform
 from scsa.training.loader import Loader
 from scsa.errors import UserError
@@ -56,7 +57,10 @@ def randaugment_fill(mean: List[float]) -> int:
 
 
 def open_sources(root: str, splits: Sequence[str]) -> Dict[str, Source]:
-    """``root``'s ``splits`` as ``Source``s (checked: one-line errors), all with the same classes."""
+    """``root``'s ``splits`` as ``Source``s (checked: one-line errors), all with the same classes: a shard
+    folder (``manifest.json``, ``python -m data.make_shards``) or an ImageFolder root."""
+    if is_shard_root(root):
+        return open_shard_sources(root, splits)
     classes = check_dataset_root(root, splits)
     return {split: FolderSource(root, split, classes) for split in splits}
 

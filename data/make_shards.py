@@ -38,15 +38,12 @@ from webdataset import TarWriter
 
 from data.folder import check_dataset_root, list_images, read_bad_files
 from data.order import sample_id
+from data.shards import FORMAT, MANIFEST, ROW, TAR_BLOCK
 from scsa.errors import UserError, exit_on_user_error
 
-MANIFEST = "manifest.json"
-FORMAT = "scsa-shards/1"
 PROGRESS = ".progress"            # plan and per-shard records while a conversion runs
 SPLITS = ("train", "val")
-TAR_BLOCK = 512
 JPEG_QUALITY = 90                 # --max-side re-encoding (FFCV's default quality)
-ROW = np.dtype([("id", "<u8"), ("label", "<i8"), ("shard", "<i8"), ("offset", "<i8"), ("size", "<i8")])
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12}
 

@@ -21,14 +21,24 @@ import os
 import tarfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from data.make_shards import FORMAT, MANIFEST, TAR_BLOCK
 from scsa.errors import UserError
 
+MANIFEST = "manifest.json"
+FORMAT = "scsa-shards/1"
+TAR_BLOCK = 512
+# A split's sample table (``<split>.npy``), one row per image in shard order.
+ROW = np.dtype([("id", "<u8"), ("label", "<i8"), ("shard", "<i8"), ("offset", "<i8"), ("size", "<i8")])
 OPEN_SHARDS = 64  # file descriptors kept open per process (least recently used closed first)
+
+
+def open_shard_sources(root: str, splits: Sequence[str]) -> Dict[str, "ShardSource"]:
+    """``root``'s ``splits`` as ShardSources (one manifest read for all)."""
+    manifest = read_manifest(root)
+    return {split: ShardSource(root, split, manifest) for split in splits}
 
 
 def is_shard_root(root: str) -> bool:
@@ -116,8 +126,9 @@ class ShardSource:
         return data
 
     def name(self, index: int) -> str:
-        """``<shard>:<member>`` (the member named by its tar header, or its byte offset if that is unreadable)."""
-        shard = self.root / self.shards[int(self.groups[index])]
+        """``<shard>:<member>``, the shard relative to the root, the member named by its tar header (or by
+        its byte offset if that is unreadable)."""
+        shard = self.shards[int(self.groups[index])]
         try:
             header, _ = self._member(index)
         except OSError:
