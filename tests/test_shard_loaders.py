@@ -1,0 +1,141 @@
+"""Both backends reading tar shards keep the Loader contract that folders keep: the folder's steps
+per epoch, its augmentations and validation images, a bitwise-exact mid-epoch resume, and an
+epoch resumed on another number of ranks that sees every training image once."""
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from data import build_loaders
+from data.dali import dali_available
+from data.make_shards import convert, parse_size
+from scsa.training.rng import get_rng_state, set_rng_state
+
+CPU = torch.device("cpu")
+BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="needs DALI"))]
+
+
+def shards_of(root: Path) -> Path:
+    """``root`` converted into shards of a few images each (so the order's shard windows matter)."""
+    dst = root.parent / f"{root.name}-shards"
+    convert(str(root), str(dst), shard_size=parse_size("6kB"), log=lambda m: None)
+    return dst
+
+
+def data_cfg(repo, root, **overrides):
+    cfg = OmegaConf.load(repo / "conf" / "data" / "imagenet.yaml")
+    cfg.update({"root": str(root), "workers": 0, "batch_size": 8, "image_size": 16, "val_resize": 16, **overrides})
+    return cfg
+
+
+def build(cfg, rank=0, world_size=1, train=True, accum_steps=1):
+    return build_loaders(cfg, rank=rank, world_size=world_size, device=CPU, seed=0, channels_last=True, train=train,
+                         accum_steps=accum_steps)
+
+
+@pytest.mark.parametrize("loader", BACKENDS)
+@pytest.mark.parametrize("world_size,batch_size", [(3, 5)])
+def test_shards_take_the_folders_steps_per_epoch(repo, subset, loader, world_size, batch_size):
+    folder = subset(9, 1, classes=7)  # 63 train images: no batch size or world size here divides them
+    counts = []
+    for root in (folder, shards_of(folder)):
+        ranks = [build(data_cfg(repo, root, loader=loader, batch_size=batch_size), rank, world_size).train
+                 for rank in range(world_size)]
+        for train in ranks:
+            train.set_epoch(0)
+        lengths = [len(train) for train in ranks]
+        counts.append(([[len(labels) for _, labels in train] for train in ranks], lengths))
+    assert counts[0] == counts[1]
+    assert counts[0][0] == [[batch_size] * (63 // (world_size * batch_size))] * world_size
+
+
+def test_torch_shards_give_each_image_the_folders_augmentation(repo, subset):
+    """Augmentations are drawn per sample identity, and a shard sample keeps its folder identity."""
+    folder = subset(4, 1, classes=4)
+    images = {}
+    for root in (folder, shards_of(folder)):
+        train = build(data_cfg(repo, root, loader="torch", batch_size=2, randaugment_n=2)).train
+        train.set_epoch(0)
+        images[root] = {int(i): x for batch, _, ids in train.items() for x, i in zip(batch, ids)}
+    first, second = images.values()
+    assert len(first) == len(second) == 16
+    assert first.keys() == second.keys() and all(torch.equal(first[i], second[i]) for i in first)
+
+
+@pytest.mark.parametrize("loader", BACKENDS)
+def test_validation_from_shards_is_the_folders_split_over_ranks(repo, subset, loader):
+    folder = subset(1, 7, classes=10)  # 70 val images
+    batches = {}
+    for root in (folder, shards_of(folder)):
+        cfg = data_cfg(repo, root, loader=loader, batch_size=4)
+        batches[root] = [[(x, y) for x, y in build(cfg, rank, 2, train=False).val] for rank in range(2)]
+    first, second = batches.values()
+    assert sum(len(y) for rank in second for _, y in rank) == 70
+    for rank_a, rank_b in zip(first, second):
+        assert all(torch.equal(xa, xb) and torch.equal(ya, yb) for (xa, ya), (xb, yb) in zip(rank_a, rank_b))
+
+
+def saved(state):
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=True)
+
+
+@pytest.mark.parametrize("loader", BACKENDS)
+def test_a_mid_epoch_resume_from_shards_is_bitwise_exact(repo, subset, loader):
+    # RandAugment with DALI's conditionals takes seconds to build; its state in a resume is a folder test's
+    cfg = data_cfg(repo, shards_of(subset(6, 1, classes=4)), loader=loader, batch_size=4, re_prob=0.5,
+                   randaugment_n=2 if loader == "torch" else 0)
+    torch.manual_seed(0)
+    straight = build(cfg).train
+    straight.set_epoch(0)
+    list(straight)
+    straight.set_epoch(1)
+    batches = iter(straight)
+    next(batches)
+    state, rng = saved(straight.state_dict()), saved(get_rng_state())
+    rest = list(batches)
+
+    torch.manual_seed(1)
+    resumed = build(cfg).train
+    resumed.load_state_dict(state)
+    set_rng_state(rng)
+    assert len(resumed) == len(rest) == 5
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(rest, resumed))
+
+
+@pytest.mark.parametrize("loader", BACKENDS)
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_an_epoch_resumed_on_another_world_size_sees_every_image_once(repo, subset, loader, before, after):
+    """Global batch 8 kept: 2 ranks x 4, or 1 rank x 4 x 2 accumulation steps."""
+    cfg = data_cfg(repo, shards_of(subset(6, 1, classes=9)), loader=loader, batch_size=4)  # 54 train images
+
+    def ranks(world_size):
+        made = [build(cfg, rank, world_size, accum_steps=2 // world_size).train for rank in range(world_size)]
+        for train in made:
+            train.set_epoch(0)
+        return made
+
+    first = ranks(before)
+    seen, steps = [], 0
+    iterators = [train.items() for train in first]
+    for _ in range(2 * 2 // before):  # two global batches of 8
+        for it in iterators:
+            seen.extend(int(i) for i in next(it)[2])
+    positions = [{k: v for k, v in train.state_dict().items() if k != "dali"} for train in first]
+    assert all(p == positions[0] for p in positions)  # the position is the same on every rank
+    state = saved(first[0].state_dict())
+
+    second = ranks(after)
+    for train in second:
+        train.load_state_dict(state)
+    assert len({len(train) for train in second}) == 1
+    for train in second:
+        batches = list(train.items())
+        steps += len(batches)
+        seen.extend(int(i) for _, _, ids in batches for i in ids)
+    assert len(seen) == len(set(seen)) == 54 // 8 * 8  # whole global batches, no image twice
+    assert steps * 4 == 54 // 8 * 8 - 16  # the rest of the epoch, all of it
