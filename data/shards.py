@@ -35,6 +35,11 @@ ROW = np.dtype([("id", "<u8"), ("label", "<i8"), ("shard", "<i8"), ("offset", "<
 OPEN_SHARDS = 64  # file descriptors kept open per process (least recently used closed first)
 
 
+class DamagedShardError(UserError, OSError):
+    """A sample whose tar header or bytes are not what the table says. An OSError too, so the torchvision
+    backend skips it with a warning naming it, as it does an unreadable image; DALI's feed stops with it."""
+
+
 def open_shard_sources(root: str, splits: Sequence[str]) -> Dict[str, "ShardSource"]:
     """``root``'s ``splits`` as ShardSources (one manifest read for all)."""
     manifest = read_manifest(root)
@@ -118,11 +123,13 @@ class ShardSource:
         return header, block[TAR_BLOCK:]
 
     def read(self, index: int) -> bytes:
-        """Sample ``index``'s stored image bytes; a truncated or corrupt shard raises a UserError naming it."""
+        """Sample ``index``'s stored image bytes; a truncated or corrupt shard raises a DamagedShardError naming
+        the shard and the sample."""
         header, data = self._member(index)
         if header is None or header.size != len(data) or header.size != int(self._sizes[index]):
-            raise UserError(f"shard '{self.root / self.shards[int(self.groups[index])]}' is truncated or corrupt at "
-                            f"sample {self.name(index)}: {_reconvert(str(self.root))}")
+            shard = self.root / self.shards[int(self.groups[index])]
+            raise DamagedShardError(f"shard '{shard}' is truncated or corrupt at sample {self.name(index)}: "
+                                    f"{_reconvert(str(self.root))}")
         return data
 
     def name(self, index: int) -> str:

@@ -2,8 +2,10 @@
 per epoch, its augmentations and validation images, a bitwise-exact mid-epoch resume, and an
 epoch resumed on another number of ranks that sees every training image once."""
 import io
+import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -11,6 +13,7 @@ from omegaconf import OmegaConf
 from data import build_loaders
 from data.dali import dali_available
 from data.make_shards import convert, parse_size
+from scsa.errors import UserError
 from scsa.training.rng import get_rng_state, set_rng_state
 
 CPU = torch.device("cpu")
@@ -139,3 +142,24 @@ def test_an_epoch_resumed_on_another_world_size_sees_every_image_once(repo, subs
         seen.extend(int(i) for _, _, ids in batches for i in ids)
     assert len(seen) == len(set(seen)) == 54 // 8 * 8  # whole global batches, no image twice
     assert steps * 4 == 54 // 8 * 8 - 16  # the rest of the epoch, all of it
+
+
+@pytest.mark.parametrize("loader", BACKENDS)
+def test_a_damaged_image_in_a_shard_is_named_with_its_shard(repo, subset, loader, caplog):
+    """torch skips it with a warning (as a bad file in a folder), DALI stops with a one-line error."""
+    root = shards_of(subset(2, 1, classes=4))
+    table = np.load(root / "train.npy")
+    shard, offset, size = (int(table[k][3]) for k in ("shard", "offset", "size"))
+    path = root / "train" / f"shard-{shard:06d}.tar"
+    data = bytearray(path.read_bytes())
+    data[offset + 20:offset + size] = bytes(size - 20)  # the JPEG's bytes zeroed, the tar intact
+    path.write_bytes(bytes(data))
+    train = build(data_cfg(repo, root, loader=loader, batch_size=2)).train
+    train.set_epoch(0)
+    with caplog.at_level(logging.WARNING):
+        if loader == "dali":
+            with pytest.raises(UserError, match=f"cannot read train/shard-{shard:06d}.tar:train/.*jpg in {root}"):
+                list(train)
+        else:
+            assert sum(len(y) for _, y in train) == 8
+    assert loader == "dali" or f"train/shard-{shard:06d}.tar:train/" in caplog.text
