@@ -2,6 +2,7 @@
 per epoch, its augmentations and validation images, a bitwise-exact mid-epoch resume, and an
 epoch resumed on another number of ranks that sees every training image once."""
 import io
+import json
 import logging
 from pathlib import Path
 
@@ -163,3 +164,21 @@ def test_a_damaged_image_in_a_shard_is_named_with_its_shard(repo, subset, loader
         else:
             assert sum(len(y) for _, y in train) == 8
     assert loader == "dali" or f"train/shard-{shard:06d}.tar:train/" in caplog.text
+
+
+@pytest.mark.slow
+def test_train_on_two_gloo_ranks_and_evaluate_from_shards(tmp_path, subset, run_cli, repo):
+    """torchrun trains from shards (every val image once per epoch); evaluate.py scores the checkpoint on them.
+    (The val batches equal the folder's: test_validation_from_shards_is_the_folders_split_over_ranks.)"""
+    shards = shards_of(subset(8, 7, classes=9))  # 63 val images: odd
+    result = run_cli(["torchrun", "--standalone", "--nproc_per_node=2", str(repo / "train.py"), "model=resnet18",
+                      "attention=none", f"data.root={shards}", "data.image_size=32", "data.val_resize=32",
+                      "data.batch_size=4", "data.workers=1", "data.loader=torch", "trainer.epochs=1",
+                      "wandb.mode=disabled", f"hydra.run.dir={tmp_path / 'run'}"])
+    assert result.returncode == 0, result.stderr[-4000:]
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["val_images"]) for r in records] == [(72 // 8, 63)]
+    scored = run_cli(["evaluate.py", f"checkpoint={tmp_path / 'run' / 'checkpoints' / 'last.pt'}",
+                      "data.workers=0", f"hydra.run.dir={tmp_path / 'evaluate'}"])  # the run's data.root: shards
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert json.loads(scored.stdout.strip().splitlines()[-1])["images"] == 63
