@@ -206,6 +206,8 @@ def _write(args) -> Dict:
 def _check_destination(dst: Path, identity: Dict) -> Optional[str]:
     """None for an empty or new DST, 'resume' for a previous run of this conversion, 'done' for a finished
     one; any other non-empty folder is an error."""
+    if dst.exists() and not dst.is_dir():
+        raise UserError(f"'{dst}' is a file: give a new or empty folder to convert into")
     if not dst.exists() or not any(dst.iterdir()):
         return None
     for path, state in ((dst / MANIFEST, "done"), (dst / PROGRESS / "plan.json", "resume")):

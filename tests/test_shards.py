@@ -61,7 +61,9 @@ def test_shards_hold_the_folder_images_byte_for_byte_without_bad_files(src, tmp_
         assert (in_order == names) == (split == "val")  # train is shuffled, val in folder order
         assert len(manifest["splits"][split]["shards"]) > (1 if split == "train" else 0)
         assert np.array_equal(source.groups, np.sort(source.groups))  # shards hold runs of the order
-    assert run(src, tmp_path / "again", seed=3)["splits"] == manifest["splits"]  # seeded: the same bytes
+    main([str(src), str(tmp_path / "again"), "--seed", "3", "--shard-size", SHARD, "--workers", "2"])
+    again = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    assert again["splits"] == manifest["splits"]  # seeded, any number of workers: the same bytes
 
 
 def test_tar_members_and_dali_index(src, tmp_path):
@@ -136,6 +138,7 @@ def test_converting_into_a_foreign_folder_is_one_line(src, tmp_path, capsys):
     other.mkdir()
     (other / "notes.txt").write_text("mine")
     assert "not empty and holds no conversion" in error_line(capsys, [src, other])
+    assert "is a file" in error_line(capsys, [src, other / "notes.txt"])
     run(src, tmp_path / "shards")
     assert "other images or options" in error_line(capsys, [src, tmp_path / "shards", "--seed", "5"])
 
