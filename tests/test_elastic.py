@@ -1,11 +1,16 @@
 """One sample order for any world size: an epoch interrupted on one number of ranks continues on
 another, and after bad files are listed, by sample identity (read from the ids the loaders yield)."""
+import json
+import signal
+
 import pytest
 import torch
 from omegaconf import OmegaConf
+from progress import wait_for_step
 
 from data import build_loaders, open_sources
 from data.dali import dali_available
+from data.order import epoch_order
 from scsa.errors import UserError
 from scsa.training.trainer import elastic_accum_steps
 
@@ -130,3 +135,69 @@ def test_a_world_size_that_cannot_keep_the_global_batch_is_one_line_naming_those
                                 "1, 2, 3, 6 ranks")
     with pytest.raises(UserError, match="use data.batch_size=8, as the checkpoint did"):
         elastic_accum_steps(saved, 1, 5, 3)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
+def test_a_run_preempted_on_one_world_size_ends_at_the_same_step_on_another(tmp_path, subset, run_cli, start_cli,
+                                                                          repo, before, after):
+    root = subset(16, 2, classes=10)  # 160 train images, global batch 16: 10 steps per epoch
+    run_dir = tmp_path / "run"
+    accum = {1: 2, 2: 1}  # x 8 images x world size: 16
+    args = ["model=resnet18", "attention=none", f"data.root={root}", "data.image_size=32", "data.val_resize=32",
+            "data.batch_size=8", "data.workers=0", "data.loader=torch", "trainer.epochs=2",
+            f"trainer.accum_steps={accum[before]}", "checkpoint.every_steps=1", f"hydra.run.dir={run_dir}"]
+
+    def command(world_size):
+        if world_size == 1:
+            return ["train.py", *args]
+        return ["torchrun", "--standalone", f"--nproc_per_node={world_size}", str(repo / "train.py"), *args]
+
+    process = start_cli(command(before), env_extra={"OMP_NUM_THREADS": "1"})
+    wait_for_step(run_dir, 13, process)  # in the second epoch
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=300)
+    checkpoint = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["state"]["epoch"] == 1 and 0 < checkpoint["state"]["epoch_steps"] < 10
+
+    if after == 1:  # a batch size that cannot keep the global batch of 16: one line
+        refused = run_cli([*command(1), "data.batch_size=5"])
+        errors = [line for line in refused.stderr.splitlines() if line.strip()]
+        assert refused.returncode == 2 and len(errors) == 1, refused.stderr[-3000:]
+        assert "global batch of 16 samples" in errors[0] and "use data.batch_size=8" in errors[0]
+    resumed = run_cli(command(after), env_extra={"OMP_NUM_THREADS": "1"})
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    log = (run_dir / "train.log").read_text()
+    assert f"trainer.accum_steps {accum[before]} -> {accum[after]} keeps the global batch of 16" in log
+    final = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert final["state"]["step"] == 20 and final["state"]["epoch"] == 2  # the uninterrupted run's
+    assert final["config"]["trainer"]["accum_steps"] == accum[after]
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [10, 20]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not dali_available(), reason="needs DALI")
+def test_a_corrupt_image_listed_in_bad_files_then_the_same_command_finishes_the_run(tmp_path, subset, run_cli):
+    root = subset(8, 2, classes=10)  # 80 train images, batches of 8: 10 steps
+    source = open_sources(str(root), ("train",))["train"]
+    middle = source.name(int(epoch_order(source.ids, seed=0, epoch=0)[44]))  # read in step 6
+    image = root / middle
+    image.write_bytes(image.read_bytes()[:300])  # truncated: PIL and DALI both fail on it
+    run_dir = tmp_path / "run"
+    args = ["train.py", "model=resnet18", "attention=none", f"data.root={root}", "data.image_size=32",
+            "data.val_resize=32", "data.batch_size=8", "data.workers=0", "data.loader=dali", "trainer.epochs=1",
+            "seed=0", "checkpoint.every_steps=1", f"hydra.run.dir={run_dir}"]
+    failed = run_cli(args)
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    error = [line for line in failed.stderr.splitlines() if line.startswith("error: ")]
+    assert len(error) == 1 and middle in error[0] and "bad_files.txt" in error[0] and "same command" in error[0]
+    interrupted_at = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["state"]["step"]
+    assert 0 < interrupted_at < 10
+
+    (root / "bad_files.txt").write_text(f"{middle}\n")
+    resumed = run_cli(args)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    state = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["state"]
+    assert state["epoch"] == 1 and state["step"] == 9  # 79 images: 9 whole batches
