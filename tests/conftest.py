@@ -70,6 +70,17 @@ def subset(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
+DATA_FORMATS = ["folder"]  # how a dataset root can be stored: tests over `dataset` run once per format
+
+
+@pytest.fixture(params=DATA_FORMATS)
+def dataset(request, subset) -> Callable[..., Path]:
+    """``dataset(train_per_class, val_per_class, classes=10)``: a ``subset`` root in each stored format."""
+    def make(train_per_class: int, val_per_class: int, classes: int = 10) -> Path:
+        return subset(train_per_class, val_per_class, classes)
+    return make
+
+
 @pytest.fixture
 def tiny_data(subset) -> Path:
     """10 classes x (40 train, 7 val) real images: 70 val images, a size no world size divides."""
