@@ -23,6 +23,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
 import scsa.training.config  # noqa: F401  (registers the resolvers conf/ uses)
+from formats import as_shards
 from scsa.training.cli import CONFIG_DIR
 
 REPO = Path(__file__).resolve().parent.parent
@@ -70,14 +71,15 @@ def subset(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-DATA_FORMATS = ["folder"]  # how a dataset root can be stored: tests over `dataset` run once per format
+DATA_FORMATS = ["folder", "shards"]  # how a dataset root can be stored: tests over `dataset` run once per format
 
 
 @pytest.fixture(params=DATA_FORMATS)
 def dataset(request, subset) -> Callable[..., Path]:
     """``dataset(train_per_class, val_per_class, classes=10)``: a ``subset`` root in each stored format."""
     def make(train_per_class: int, val_per_class: int, classes: int = 10) -> Path:
-        return subset(train_per_class, val_per_class, classes)
+        root = subset(train_per_class, val_per_class, classes)
+        return as_shards(root) if request.param == "shards" else root
     return make
 
 
