@@ -197,14 +197,9 @@ class DaliLoader:
         """A CorruptImageError naming the sample behind ``error`` (one of those fed to DALI and not
         yet consumed), or ``error`` if all of them decode."""
         from data.scan import UNREADABLE, check_image
-        from data.shards import is_shard_root
 
         for index in (i for batch in self._pending for i in batch):
             status, reason = check_image(self.source.name(index), self.source.read(index))
-            if status == UNREADABLE and is_shard_root(self.root):
-                return CorruptImageError(f"cannot read {self.source.name(index)} in {self.root} ({reason}): list its "
-                                         f"source image in SRC/bad_files.txt and convert again (python -m "
-                                         f"data.make_shards; python -m data.scan {self.root} checks every shard)")
             if status == UNREADABLE:
                 name = self.source.name(index)
                 listing = Path(self.root) / "bad_files.txt"

@@ -2,8 +2,8 @@
 
 Every image under ROOT is opened, verified and fully decoded with PIL in parallel. Unreadable or
 truncated files are written to ``ROOT/bad_files.txt`` (paths relative to ROOT), which both loaders
-and ``python -m data.make_shards`` skip. A shard folder (``manifest.json``) gets every shard's sha256
-checked against its manifest instead. Readable files in an unusual encoding (CMYK, or PNG data named .JPEG, as ImageNet has a few
+and ``python -m data.make_shards`` skip. In a shard folder (``manifest.json``) every shard's sha256
+is checked against the manifest first, and bad samples are listed as ``<shard>:<member>``. Readable files in an unusual encoding (CMYK, or PNG data named .JPEG, as ImageNet has a few
 of) are only reported as 'needs-conversion': PIL and DALI decode them, slower tools may not.
 """
 import argparse
@@ -86,21 +86,23 @@ def main(argv: List[str] = None) -> None:
     args = parser.parse_args(argv)
     if not Path(args.root).is_dir():
         raise UserError(f"'{args.root}' is not a folder: pass the dataset root that holds train/ and val/")
-    from data.shards import is_shard_root, verify
-    if is_shard_root(args.root):  # a shard folder: every shard's sha256 against its manifest
+    from data.shards import is_shard_root, scan_shards, verify
+    if is_shard_root(args.root):  # a shard folder: every shard's sha256 against its manifest, then every image
         problems = verify(args.root)
         print("\n".join(problems + [f"{len(problems)} shards differ from {args.root}/manifest.json"]))
-        if problems:
-            raise UserError(f"{len(problems)} damaged shards in '{args.root}': convert again (python -m "
-                            f"data.make_shards SRC {args.root}) or restore them")
-        return
-    found = scan(args.root, args.workers)
+        found = scan_shards(args.root, args.workers)
+    else:
+        problems, found = [], scan(args.root, args.workers)
     for status in (NEEDS_CONVERSION, UNREADABLE):
         for path, reason in sorted(found[status].items()):
             print(f"{status}: {path}: {reason}")
     listing = write_bad_files(args.root, found[UNREADABLE])
     print(f"{len(found[UNREADABLE])} unreadable (written to {listing}, skipped by the loaders), "
           f"{len(found[NEEDS_CONVERSION])} need conversion (readable, left in)")
+    if problems:
+        raise UserError(f"{len(problems)} shards in '{args.root}' differ from their manifest (their unreadable images "
+                        f"are listed in {listing}): convert again (python -m data.make_shards SRC {args.root}) or "
+                        "restore them")
 
 
 if __name__ == "__main__":

@@ -15,16 +15,19 @@ can't be carried from 2 ranks to 1. Reading ``size`` bytes at ``offset`` (``os.p
 random access to any sample; ``data.order`` groups the order by windows of shards, so ranks
 still read a few shards at a time, mostly forward.
 """
+import contextlib
 import hashlib
 import json
 import os
 import tarfile
 from collections import OrderedDict
+from multiprocessing import Pool
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
 
+from data.folder import read_bad_files
 from scsa.errors import UserError
 
 MANIFEST = "manifest.json"
@@ -70,7 +73,7 @@ class ShardSource:
     """One split of a shard folder: ``ids``, ``labels``, ``groups`` (the shard of each sample) as
     views of the memory-mapped table; ``read(i)`` is one positioned read."""
 
-    def __init__(self, root: str, split: str, manifest: Optional[Dict] = None):
+    def __init__(self, root: str, split: str, manifest: Optional[Dict] = None, leave_out_bad: bool = True):
         self.root = Path(root)
         manifest = manifest or read_manifest(root)
         if split not in manifest["splits"] or not manifest["splits"][split]["samples"]:
@@ -93,10 +96,26 @@ class ShardSource:
             if size != shard["bytes"]:
                 found = "is missing" if size is None else f"has {size} bytes"
                 raise UserError(f"shard '{path}' {found}, the manifest says {shard['bytes']}: {_reconvert(root)}")
-        self.ids, self.labels, self.groups = table["id"], table["label"], table["shard"]
-        self._offsets, self._sizes = table["offset"], table["size"]
         self._files: "OrderedDict[int, int]" = OrderedDict()
         self._pid = os.getpid()
+        self._use(table)
+        bad = self._listed_bad(read_bad_files(root)) if leave_out_bad else []
+        if bad:  # a copy of the table without them (the rest keep their order: data.order)
+            self._use(np.delete(np.asarray(table), bad))
+
+    def _use(self, table: np.ndarray) -> None:
+        self.ids, self.labels, self.groups = table["id"], table["label"], table["shard"]
+        self._offsets, self._sizes = table["offset"], table["size"]
+
+    def _listed_bad(self, listed: Iterable[str]) -> List[int]:
+        """Rows of the samples named (as ``name()`` names them) in ``bad_files.txt``."""
+        rows = []
+        for entry in listed:
+            shard, _, member = entry.partition(":")
+            if shard in self.shards:
+                candidates = np.flatnonzero(self.groups == self.shards.index(shard))
+                rows += [int(i) for i in candidates if self.name(int(i)) == entry]
+        return rows
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -159,3 +178,34 @@ def verify(root: str) -> List[str]:
             if digest.hexdigest() != shard["sha256"]:
                 problems.append(f"{path}: sha256 differs from the manifest's")
     return problems
+
+
+_SCANNED: List[ShardSource] = []  # the sources being scanned, inherited by forked scan workers
+
+
+def _check_sample(item: "tuple[int, int]") -> "tuple[str, str, str]":
+    from data.scan import check_image
+
+    source = _SCANNED[item[0]]
+    try:
+        return (source.name(item[1]), *check_image(source.name(item[1]), source.read(item[1])))
+    except DamagedShardError as e:
+        return source.name(item[1]), "unreadable", str(e)
+
+
+def scan_shards(root: str, workers: int) -> Dict[str, Dict[str, str]]:
+    """``python -m data.scan``'s ``{status: {name: reason}}`` for every sample of a shard folder (all of
+    them, those already in ``bad_files.txt`` too), named as ``bad_files.txt`` lists them."""
+    from data.scan import NEEDS_CONVERSION, OK, UNREADABLE
+
+    manifest = read_manifest(root)
+    _SCANNED[:] = [ShardSource(root, split, manifest, leave_out_bad=False) for split in manifest["splits"]]
+    items = [(s, i) for s, source in enumerate(_SCANNED) for i in range(len(source))]
+    found: Dict[str, Dict[str, str]] = {NEEDS_CONVERSION: {}, UNREADABLE: {}}
+    with contextlib.ExitStack() as stack:
+        pool = stack.enter_context(Pool(workers)) if workers > 1 else None
+        for name, status, reason in (pool.imap_unordered(_check_sample, items, chunksize=64) if pool
+                                     else map(_check_sample, items)):
+            if status != OK:
+                found[status][name] = reason
+    return found

@@ -4,6 +4,7 @@ resumed on another number of ranks: test_elastic, over both formats.)"""
 import io
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from omegaconf import OmegaConf
 
 from data import build_loaders
 from data.dali import dali_available
+from data.scan import main as scan_main
 from scsa.errors import UserError
 from scsa.training.rng import get_rng_state, set_rng_state
 
@@ -104,8 +106,9 @@ def test_a_mid_epoch_resume_from_shards_is_bitwise_exact(repo, subset, loader):
 
 
 @pytest.mark.parametrize("loader", BACKENDS)
-def test_a_damaged_image_in_a_shard_is_named_with_its_shard(repo, subset, loader, caplog):
-    """torch skips it with a warning (as a bad file in a folder), DALI stops with a one-line error."""
+def test_a_damaged_image_in_a_shard_is_named_and_then_listed_in_bad_files(repo, subset, loader, caplog):
+    """torch skips it with a warning (as a bad file in a folder), DALI stops with a one-line error naming
+    it; ``python -m data.scan`` lists it in the shard folder's bad_files.txt, which both then leave out."""
     root = as_shards(subset(2, 1, classes=4))
     table = np.load(root / "train.npy")
     shard, offset, size = (int(table[k][3]) for k in ("shard", "offset", "size"))
@@ -113,15 +116,26 @@ def test_a_damaged_image_in_a_shard_is_named_with_its_shard(repo, subset, loader
     data = bytearray(path.read_bytes())
     data[offset + 20:offset + size] = bytes(size - 20)  # the JPEG's bytes zeroed, the tar intact
     path.write_bytes(bytes(data))
-    train = build(data_cfg(repo, root, loader=loader, batch_size=2)).train
+    cfg = data_cfg(repo, root, loader=loader, batch_size=2)
+    train = build(cfg).train
     train.set_epoch(0)
+    name = f"train/shard-{shard:06d}.tar:train/[^']*.jpg"
     with caplog.at_level(logging.WARNING):
         if loader == "dali":
-            with pytest.raises(UserError, match=f"cannot read train/shard-{shard:06d}.tar:train/.*jpg in {root}"):
+            with pytest.raises(UserError, match=f"add '{name}' to {root}/bad_files.txt"):
                 list(train)
         else:
             assert sum(len(y) for _, y in train) == 8
-    assert loader == "dali" or f"train/shard-{shard:06d}.tar:train/" in caplog.text
+    assert loader == "dali" or re.search(f"skipping unreadable image {name}", caplog.text)
+    with pytest.raises(SystemExit):  # the shard's sha256 differs: exit 2 after listing its bad image
+        scan_main([str(root), "--workers", "1"])
+    assert re.fullmatch(f"{name}\n", (root / "bad_files.txt").read_text())
+    caplog.clear()
+    train = build(cfg).train
+    train.set_epoch(0)
+    with caplog.at_level(logging.WARNING):
+        assert sum(len(y) for _, y in train) == 6  # 7 images left: 3 whole batches
+    assert "skipping" not in caplog.text
 
 
 @pytest.mark.slow

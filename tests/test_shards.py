@@ -153,6 +153,7 @@ def test_damaged_shard_folders_are_one_line(src, tmp_path, capsys):
     # the same size, a header overwritten: found when that sample is read, named with its shard
     source = ShardSource(str(root), "train")
     victim = int(np.flatnonzero(source.groups == 1)[0])
+    victim_id = source.ids[victim]
     data = bytearray(shard.read_bytes())
     offset = int(np.load(root / "train.npy")["offset"][victim])
     data[offset - 512:offset] = b"\x07" * 512
@@ -161,8 +162,13 @@ def test_damaged_shard_folders_are_one_line(src, tmp_path, capsys):
         source.read(victim)
     assert verify(str(root)) == [f"{shard}: sha256 differs from the manifest's"]
     with pytest.raises(SystemExit):
-        scan_main([str(root)])
-    assert "1 damaged shards" in capsys.readouterr().err
+        scan_main([str(root), "--workers", "1"])
+    assert "1 shards in" in capsys.readouterr().err
+    assert (root / "bad_files.txt").read_text() == f"{shard.relative_to(root)}:offset {offset}\n"
+    listed = ShardSource(str(root), "train")  # the listed sample left out, the rest read
+    assert len(listed) == len(source) - 1 and victim_id not in listed.ids
+    assert all(listed.read(i) for i in range(len(listed)))
+    (root / "bad_files.txt").unlink()
 
     shard.write_bytes(bytes(data[:-1000]))  # truncated: found at start-up
     with pytest.raises(UserError, match=f"shard '{shard}' has {len(data) - 1000} bytes, the manifest says"):
