@@ -91,7 +91,7 @@ def plan(src: str, classes: List[str], shard_size: int, seed: int) -> Tuple[List
             other = keys.setdefault(key_of(name), name)
             if other != name:
                 raise UserError(f"'{other}' and '{name}' would share the shard key '{key_of(name)}': rename one")
-        skipped[split] = sum(1 for b in bad if b.startswith(f"{split}/"))
+        skipped[split] = sum(1 for b in bad if b.startswith(f"{split}/") and os.path.isfile(os.path.join(src, b)))
         sizes = [os.stat(os.path.join(src, n)).st_size for n in names]
         order = np.random.default_rng(seed).permutation(len(names)) if split == "train" else np.arange(len(names))
         start, total = 0, 0
