@@ -123,7 +123,8 @@ def run_child(root: Path, backend: str, args: argparse.Namespace) -> Dict:
 def _child(root: Path, backend: str, args: argparse.Namespace) -> Dict:
     command = [sys.executable, "-m", "benchmarks.bench_scale", "--measure", str(root), backend,
                "--batches", str(args.batches), "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
-    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    done = subprocess.run(command, cwd=REPO, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO)})
     if done.returncode != 0:
         raise RuntimeError(f"{backend} on {root} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -151,8 +152,13 @@ def table(results: List[Dict]) -> str:
         lines.append(f"| {result['images']:,} | conversion (make_shards, wall) | | {result['convert_s']:.1f} | | | |")
         for name, run in result["runs"].items():
             lines.append(f"| {result['images']:,} | {name} | {run['open_s']:.3f} | {run['build_s']:.2f} | "
-                         f"{run['first_batch_s']:.2f} | "
-                         f"{run['peak_pss_mb']:.0f} | {run['img_per_s']:.0f} |")
+                         f"{run['first_batch_s']:.2f} | {run['peak_pss_mb']:.0f} | {run['img_per_s']:.0f} |")
+    if len(results) > 1:  # how start-up grows from the smallest size to the largest
+        small, large = results[0], results[-1]
+        lines.append("")
+        growth = {name: large["runs"][name]["open_s"] / small["runs"][name]["open_s"] for name in large["runs"]}
+        lines.append(f"{small['images']:,} -> {large['images']:,} images: open sources "
+                     + ", ".join(f"{name} {factor:.1f}x" for name, factor in growth.items()))
     return "\n".join(lines)
 
 

@@ -2,9 +2,10 @@
 
 Every image under ROOT is opened, verified and fully decoded with PIL in parallel. Unreadable or
 truncated files are written to ``ROOT/bad_files.txt`` (paths relative to ROOT), which both loaders
-and ``python -m data.make_shards`` skip. In a shard folder (``manifest.json``) every shard's sha256
-is checked against the manifest first, and bad samples are listed as ``<shard>:<member>``. Readable files in an unusual encoding (CMYK, or PNG data named .JPEG, as ImageNet has a few
-of) are only reported as 'needs-conversion': PIL and DALI decode them, slower tools may not.
+and ``python -m data.make_shards`` skip. Readable files in an unusual encoding (CMYK, or PNG data
+named .JPEG, as ImageNet has a few of) are only reported as 'needs-conversion': PIL and DALI
+decode them, slower tools may not. In a shard folder (``manifest.json``) every shard's sha256 is
+checked against the manifest first, and bad samples are listed as ``<shard>:<member>``.
 """
 import argparse
 import contextlib

@@ -158,7 +158,8 @@ def test_damaged_shard_folders_are_one_line(src, tmp_path, capsys):
     offset = int(np.load(root / "train.npy")["offset"][victim])
     data[offset - 512:offset] = b"\x07" * 512
     shard.write_bytes(bytes(data))
-    with pytest.raises(UserError, match=f"shard '{shard}' is truncated or corrupt at sample {shard.relative_to(root)}:offset {offset}"):
+    named = f"shard '{shard}' is truncated or corrupt at sample {shard.relative_to(root)}:offset {offset}"
+    with pytest.raises(UserError, match=named):
         source.read(victim)
     assert verify(str(root)) == [f"{shard}: sha256 differs from the manifest's"]
     with pytest.raises(SystemExit):
