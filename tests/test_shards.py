@@ -61,9 +61,14 @@ def test_shards_hold_the_folder_images_byte_for_byte_without_bad_files(src, tmp_
         assert (in_order == names) == (split == "val")  # train is shuffled, val in folder order
         assert len(manifest["splits"][split]["shards"]) > (1 if split == "train" else 0)
         assert np.array_equal(source.groups, np.sort(source.groups))  # shards hold runs of the order
-    main([str(src), str(tmp_path / "again"), "--seed", "3", "--shard-size", SHARD, "--workers", "2"])
-    again = json.loads((tmp_path / "again" / "manifest.json").read_text())
-    assert again["splits"] == manifest["splits"]  # seeded, any number of workers: the same bytes
+    assert run(src, tmp_path / "again", seed=3)["splits"] == manifest["splits"]  # seeded: the same bytes
+
+
+@pytest.mark.slow
+def test_worker_processes_write_the_same_shards(src, tmp_path):
+    main([str(src), str(tmp_path / "two"), "--shard-size", SHARD, "--workers", "2"])
+    two = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert two["splits"] == run(src, tmp_path / "one")["splits"]
 
 
 def test_tar_members_and_dali_index(src, tmp_path):
