@@ -91,7 +91,8 @@ class DaliLoader:
     def __init__(self, source: Source, root: str, *, train: bool, batch_size: int, accum_steps: int, workers: int,
                  rank: int, world_size: int, device: torch.device, seed: int, augment: Dict):
         self.source, self.root, self.train, self.batch_size = source, root, train, batch_size
-        self.rank, self.world_size, self.workers, self.seed, self.augment = rank, world_size, max(1, workers), seed, augment
+        self.rank, self.world_size, self.workers = rank, world_size, max(1, workers)
+        self.seed, self.augment = seed, augment
         self.order = TrainOrder(source, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size,
                                 accum_steps=accum_steps) if train else None
         self.shard = None if train else val_indices(len(source), rank, world_size)

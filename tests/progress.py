@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 
-def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
+def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 900) -> None:
     """Block until a checkpoint at or past ``step`` exists (mid-epoch checkpoints every step)."""
     last = run_dir / "checkpoints" / "last.pt"
     deadline = time.monotonic() + timeout

@@ -79,8 +79,8 @@ def test_dali_randaugment_runs_and_differs_from_the_plain_pipeline(subset):
     pytest.importorskip("nvidia.dali")
     root = subset(4, 1, classes=2)
     source = FolderSource(str(root), "train", ["ankle-boot", "bag"])
-    common = dict(train=True, batch_size=8, accum_steps=1, image_size=32, val_resize=32, scale=(1.0, 1.0), ratio=(1.0, 1.0),
-                  hflip=0.0, randaugment_m=10, fill=128, workers=1, rank=0, world_size=1, device=CPU, seed=3)
+    common = dict(train=True, batch_size=8, accum_steps=1, image_size=32, val_resize=32, scale=(1.0, 1.0),
+                  ratio=(1.0, 1.0), hflip=0.0, randaugment_m=10, fill=128, workers=1, rank=0, world_size=1, device=CPU, seed=3)
     plain = next(iter(build_dali_loader(source, str(root), randaugment_n=0, **common)))[0]
     augmented = next(iter(build_dali_loader(source, str(root), randaugment_n=3, **common)))[0]
     assert augmented.shape == plain.shape == (8, 3, 32, 32)

@@ -102,10 +102,10 @@ def elastic_accum_steps(loader_states: List[Dict[str, Any]], world_size: int, ba
         worlds = [str(w) for w in range(1, rows + 1) if rows % w == 0]
         fix = (f"run on {', '.join(worlds)} ranks" if worlds
                else f"use data.batch_size={saved['batch_size']}, as the checkpoint did")
+        saved_accum = global_batch // (saved["world_size"] * saved["batch_size"])
         raise UserError(f"the checkpoint's global batch of {global_batch} samples ({saved['world_size']} ranks x "
-                        f"data.batch_size={saved['batch_size']} x trainer.accum_steps="
-                        f"{global_batch // (saved['world_size'] * saved['batch_size'])}) cannot be kept on {world_size} "
-                        f"ranks x data.batch_size={batch_size}: {fix}")
+                        f"data.batch_size={saved['batch_size']} x trainer.accum_steps={saved_accum}) cannot be kept "
+                        f"on {world_size} ranks x data.batch_size={batch_size}: {fix}")
     return per_rank, (f"resuming a {saved['world_size']}-rank checkpoint on {world_size} ranks: trainer.accum_steps "
                       f"{accum_steps} -> {per_rank} keeps the global batch of {global_batch} samples (the same "
                       f"optimiser steps and lr schedule)")
