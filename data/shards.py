@@ -71,7 +71,8 @@ def _reconvert(root: str) -> str:
 
 class ShardSource:
     """One split of a shard folder: ``ids``, ``labels``, ``groups`` (the shard of each sample) as
-    views of the memory-mapped table; ``read(i)`` is one positioned read."""
+    views of the memory-mapped table; ``read(i)`` is one positioned read. Samples listed in the
+    folder's ``bad_files.txt`` (as ``name()`` names them) are left out: then the table is a copy."""
 
     def __init__(self, root: str, split: str, manifest: Optional[Dict] = None, leave_out_bad: bool = True):
         self.root = Path(root)
