@@ -3,6 +3,7 @@
 config (conf/) -> data (data/) -> model (scsa.models) -> engine (scsa/training)
 -> run dir (train.log, metrics.jsonl, W&B, checkpoints/).
 """
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any, Dict, Optional
@@ -22,7 +23,7 @@ from scsa.training import distributed, recipe
 from scsa.training.checkpoint import find_resume
 from scsa.training.precision import Precision, configure_backends
 from scsa.training.preemption import Preempted
-from scsa.training.trainer import Trainer, TrainerConfig, updates_per_epoch
+from scsa.training.trainer import Trainer, TrainerConfig, elastic_accum_steps, updates_per_epoch
 from scsa.errors import UserError
 from scsa.models import create_model_from_config
 from scsa.training.tracking import Tracker
@@ -68,16 +69,23 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         configure_backends(device, cfg.trainer.deterministic)
         random_seed(cfg.seed, dist_info.rank)
 
+        resume_from = find_resume(str(cfg.resume), checkpoint_dir, log.warning)
+        # A checkpoint's global batch is kept on any world size that can: accum_steps is scaled.
+        accum_steps, adjusted = elastic_accum_steps((resume_from[1].get("loader") or []) if resume_from else [],
+                                                    dist_info.world_size, cfg.data.batch_size, loop.accum_steps)
+        loop = dataclasses.replace(loop, accum_steps=accum_steps)
+        cfg.trainer.accum_steps = accum_steps  # what checkpoints and W&B record is what runs
         loaders = build_loaders(cfg.data, rank=dist_info.rank, world_size=dist_info.world_size, device=device,
-                                seed=cfg.seed, channels_last=cfg.trainer.channels_last)
+                                seed=cfg.seed, channels_last=cfg.trainer.channels_last, accum_steps=accum_steps)
 
         model = build_model(cfg, num_classes=len(loaders.classes))
         params, macs = count_params(model), count_macs(model, cfg.data.image_size)
         model.to(device, memory_format=torch.channels_last if cfg.trainer.channels_last else torch.preserve_format)
 
-        resume_from = find_resume(str(cfg.resume), checkpoint_dir, log.warning)
         wandb_run_id = resume_from[1].get("wandb_run_id") if resume_from else None
         tracker = start_tracking(cfg, run_dir, dist_info.is_main, wandb_run_id)
+        if adjusted:
+            tracker.info("%s", adjusted)
         global_batch = cfg.data.batch_size * dist_info.world_size * loop.accum_steps
         lr = recipe.scaled_lr(cfg.optim, global_batch)
         optimizer = recipe.build_optimizer(cfg.optim, model, lr)

@@ -1,4 +1,4 @@
-"""The NVIDIA DALI backend for ImageFolder datasets.
+"""The NVIDIA DALI backend: decoding and augmentation of a ``Source``'s samples.
 
 Why DALI: on ImageNet the input cost is JPEG decoding plus random-resized-crop. DALI fuses the
 two (only the crop window is decoded), runs them on the GPU ("mixed" decoder) or on native CPU
@@ -6,22 +6,24 @@ threads, and needs no Python worker processes. Batches come out as uint8 NHWC se
 (channels_last strides, no copy); ``data.device`` normalises them on the device, and lays
 them out as the run asks, as it does the torchvision backend's.
 
-Sharding: the file reader is split by global rank. Train shards are re-drawn every epoch from one
-global shuffle shared by all ranks (``shuffle_after_epoch``; ``random_shuffle`` only shuffles
-inside a buffer and, unpadded, let shards overlap from the second epoch on). Shards are padded to
-equal length (``pad_last_batch``), so every rank has the same number of batches:
-
-* train: the last partial batch is dropped (as timm and torchvision do): ``floor(floor(N / world)
-  / batch)`` full batches per rank, the torchvision backend's count;
-* val: the padding is stripped and a batch left with no real rows is not yielded, so ranks
-  together count each image once.
+Which samples, in which order: DALI's own readers (file, webdataset) shuffle and shard in their
+own ways, which cannot keep the one global order (``data.sampling``) for any world size. So the
+encoded bytes come in through ``fn.external_source``, fed batch by batch in this rank's part of
+that order (train) or of its validation share (every image on exactly one rank). DALI's
+checkpoint still holds every operator's random state, so a resume on the same world size is
+bitwise exact; the position itself is ours (``TrainOrder``), so it survives another world size.
 """
+import copy
 import math
+from collections import deque
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Deque, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 
+from data.order import Source
+from data.sampling import TrainOrder, val_indices
 from scsa.errors import UserError
 
 try:
@@ -31,7 +33,6 @@ try:
 except ImportError:  # dali_available() reports it; building a loader then fails with a clear message
     Pipeline = None
 
-READER = "Reader"
 PREFETCH = 2  # batches DALI runs ahead of the consumer
 # nvJPEG pre-allocation hints from NVIDIA's ImageNet examples: big enough for ImageNet's largest
 # JPEGs, so the decoder never reallocates mid-training.
@@ -47,18 +48,6 @@ def dali_available() -> bool:
 
 class CorruptImageError(UserError):
     """An image DALI cannot decode; the message names the file and how to skip it."""
-
-
-def shard_size(num_samples: int, rank: int, world_size: int) -> int:
-    """Real samples in a reader shard (DALI splits at ``floor(i * N / world_size)``)."""
-    return (num_samples * (rank + 1)) // world_size - (num_samples * rank) // world_size
-
-
-def _read(root: str, files: Sequence[str], labels: Sequence[int], *, train: bool, rank: int,
-          world_size: int, seed: int):
-    shuffle = dict(shuffle_after_epoch=True, shuffle_after_epoch_seed=seed) if train else dict(stick_to_shard=True)
-    return fn.readers.file(file_root=root, files=list(files), labels=list(labels), name=READER, shard_id=rank,
-                           num_shards=world_size, pad_last_batch=True, **shuffle)
 
 
 def _augment(jpegs, *, train: bool, gpu: bool, image_size: int, val_resize: int,
@@ -91,171 +80,145 @@ def _augment(jpegs, *, train: bool, gpu: bool, image_size: int, val_resize: int,
 
 
 class DaliLoader:
-    """One split's DALI pipeline as an iterable of uint8 ``(images, labels)`` device batches.
+    """One split's DALI pipeline as an iterable of uint8 ``(images, labels, ids)`` device batches.
 
-    ``len()`` is the batches left in the epoch on this rank; ``state_dict()`` holds DALI's
-    checkpoint (reader position and every RNG), so a restored loader continues with the exact
-    next batch. The reader reshuffles by itself after every epoch.
+    ``len()`` is this rank's batches left in the epoch. ``state_dict()`` is the position in the
+    global order (``TrainOrder``) plus DALI's checkpoint (every operator's random state), so a
+    restored loader continues with the exact next batch; on another world size only the position
+    carries over.
     """
 
-    def __init__(self, root: str, files: Sequence[str], labels: Sequence[int], *, train: bool, batch_size: int,
-                 workers: int, rank: int, world_size: int, device: torch.device, seed: int, augment: Dict):
-        if len(files) < world_size:
-            raise UserError(f"{root}: {len(files)} images cannot be split over {world_size} ranks")
-        self.root, self.files, self.labels = root, list(files), list(labels)
-        self.train, self.batch_size, self.rank, self.world_size = train, batch_size, rank, world_size
-        self.workers, self.seed, self.augment = max(1, workers), seed, augment
+    def __init__(self, source: Source, root: str, *, train: bool, batch_size: int, accum_steps: int, workers: int,
+                 rank: int, world_size: int, device: torch.device, seed: int, augment: Dict):
+        self.source, self.root, self.train, self.batch_size = source, root, train, batch_size
+        self.rank, self.world_size, self.workers = rank, world_size, max(1, workers)
+        self.seed, self.augment = seed, augment
+        self.order = TrainOrder(source, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size,
+                                accum_steps=accum_steps) if train else None
+        self.shard = None if train else val_indices(len(source), rank, world_size)
         self.gpu = device.type == "cuda"
         self.device_id = (device.index if device.index is not None else torch.cuda.current_device()) if self.gpu else None
-        self.shard_size = shard_size(len(self.files), rank, world_size)
-        self._batch = 0  # batches consumed in the current epoch
         self._iter = self._iterator()
 
-    def _pipeline(self, checkpoint: Optional[bytes] = None, reader_only: bool = False) -> "Pipeline":
-        # Augmentation streams differ per rank; the shuffle seed is shared so shards stay disjoint.
-        # RandAugment picks its ops per sample with DALI's conditionals, which pipeline_def enables.
+    # ---- feeding DALI: runs ahead of what the trainer consumed ---------------------------
+    def _batches(self) -> Deque[np.ndarray]:
+        """The feeder's batches (sample indices) of its current epoch."""
+        if self.train:
+            return deque(self._feeder.plan())
+        return deque(self.shard[i:i + self.batch_size] for i in range(0, len(self.shard), self.batch_size))
+
+    def _restart_feeder(self) -> None:
+        self._feeder = copy.copy(self.order)  # the consumer's position; then it runs ahead on its own
+        self._queue, self._ended = self._batches(), False
+        self._pending: Deque[np.ndarray] = deque()  # fed to DALI, not yet handed to the trainer
+
+    def _feed(self, info) -> Tuple[List[np.ndarray], np.ndarray, np.ndarray]:
+        """DALI's next input batch: encoded images, labels and ids. Ends each epoch once
+        (StopIteration), then goes on with the next one, which DALI prefetches."""
+        if not self._queue:
+            if not self._ended:
+                self._ended = True
+                raise StopIteration
+            if self.train:
+                self._feeder.finished()
+            self._queue, self._ended = self._batches(), False
+        indices = self._queue.popleft()
+        self._pending.append(indices)
+        return ([np.frombuffer(self.source.read(i), dtype=np.uint8) for i in indices],
+                self.source.labels[indices], self.source.ids[indices].view(np.int64))
+
+    def _pipeline(self, checkpoint: Optional[bytes] = None) -> "Pipeline":
+        # Augmentation streams differ per rank. RandAugment picks its ops per sample with DALI's
+        # conditionals, which pipeline_def enables.
         @pipeline_def(enable_conditionals=self.train and self.augment["randaugment_n"] > 0)
         def graph():
-            jpegs, labels = _read(self.root, self.files, self.labels, train=self.train, rank=self.rank,
-                                  world_size=self.world_size, seed=self.seed)
-            if reader_only:
-                return jpegs
+            jpegs, labels, ids = fn.external_source(source=self._feed, num_outputs=3, batch=True, batch_info=True,
+                                                    dtype=[types.UINT8, types.INT64, types.INT64])
             images = _augment(jpegs, train=self.train, gpu=self.gpu, **self.augment)
-            return images, labels.gpu() if self.gpu else labels
+            return images, labels.gpu() if self.gpu else labels, ids
 
         return graph(batch_size=self.batch_size, num_threads=self.workers, seed=self.seed + self.rank,
-                     device_id=None if reader_only else self.device_id, prefetch_queue_depth=PREFETCH,
-                     enable_checkpointing=True, checkpoint=checkpoint)
+                     device_id=self.device_id, prefetch_queue_depth=PREFETCH, enable_checkpointing=True,
+                     checkpoint=checkpoint)
 
     def _iterator(self, checkpoint: Optional[bytes] = None) -> "DALIGenericIterator":
-        # Val keeps the padded rows (FILL) and __iter__ strips them. No batch is prepared up front,
-        # so decode errors surface inside __iter__, where they are explained.
-        policy = LastBatchPolicy.DROP if self.train else LastBatchPolicy.FILL
-        return DALIGenericIterator(self._pipeline(checkpoint), ["images", "labels"], reader_name=READER,
-                                   last_batch_policy=policy, auto_reset=True, prepare_first_batch=False)
+        # No batch is prepared up front, so decode errors surface inside __iter__, where they are explained.
+        self._restart_feeder()
+        return DALIGenericIterator(self._pipeline(checkpoint), ["images", "labels", "ids"],
+                                   last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True,
+                                   prepare_first_batch=False)
 
+    def _rebuild(self, checkpoint: Optional[bytes]) -> None:
+        del self._iter  # frees the old pipeline (and its GPU buffers) before building the new one
+        self._iter = self._iterator(checkpoint)
+
+    # ---- the Loader contract -------------------------------------------------------------
     def __len__(self) -> int:
-        """Batches left in the epoch (all of them, unless a mid-epoch state was loaded)."""
-        if self.train:
-            return len(self._iter) - self._batch
-        return math.ceil(self.shard_size / self.batch_size)
+        """This rank's batches left in the epoch (val: all of its share)."""
+        return len(self.order) if self.train else math.ceil(len(self.shard) / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
-        """Nothing to do: the reader reshuffles after every epoch, and a resumed position comes from
-        ``load_state_dict`` (DALI's checkpoint holds the epoch)."""
+        """Start ``epoch`` from its first batch. DALI already runs ahead into the epoch after the
+        one just finished; anywhere else the pipeline is rebuilt (random states kept)."""
+        position = (self.order.epoch, self.order.start, self.order.batches)
+        if position == (epoch, 0, 0) and (self._feeder.epoch, self._feeder.start) == (epoch, 0):
+            return
+        self.order.set_epoch(epoch)
+        self._rebuild(self._iter.checkpoints()[0])
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         while True:
             try:
                 out = next(self._iter)[0]
             except StopIteration:
-                self._batch = 0
+                if self.train:
+                    self.order.finished()
                 return
             except RuntimeError as e:
                 raise self._explain(e) from None
-            rows = self.batch_size if self.train else self.shard_size - self._batch * self.batch_size
-            self._batch += 1
-            if rows <= 0:
-                continue
-            images = out["images"][:rows].permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: no copy
-            yield images, out["labels"][:rows].view(-1).long()
+            self._pending.popleft()
+            if self.train:
+                self.order.consumed()
+            images = out["images"].permute(0, 3, 1, 2)  # NHWC memory seen as NCHW: no copy
+            yield images, out["labels"].view(-1).long(), out["ids"].view(-1)
 
     def state_dict(self) -> Dict:
-        """DALI's checkpoint of this rank plus the position in the epoch (weights_only-safe)."""
-        return {"checkpoint": self._iter.checkpoints()[0], "batch": self._batch,
-                "num_samples": len(self.files), "world_size": self.world_size, "batch_size": self.batch_size}
+        """The position in the global order and DALI's checkpoint of this rank (weights_only-safe)."""
+        return {**self.order.state_dict(), "dali": self._iter.checkpoints()[0]}
 
     def load_state_dict(self, state: Dict) -> None:
-        """Rebuild the pipeline from ``state``; the next batch is the one after the save."""
-        saved = (state["num_samples"], state["world_size"], state["batch_size"])
-        if saved != (len(self.files), self.world_size, self.batch_size):
-            raise UserError(f"loader state was saved for (images, world size, batch size) = {saved}, this run has "
-                            f"{(len(self.files), self.world_size, self.batch_size)}: resume with the same settings")
-        del self._iter  # frees the old pipeline (and its GPU buffers) before building the new one
-        self._iter = self._iterator(state["checkpoint"])
-        self._batch = state["batch"]
+        """Continue from ``state``: the next batch is the one after the save (its random states too,
+        when the world size is the same)."""
+        self.order.load_state_dict(state)
+        same_ranks = (state["world_size"], state["batch_size"]) == (self.world_size, self.batch_size)
+        self._rebuild(state["dali"] if same_ranks else None)
 
     # ---- naming the file behind a decode failure ------------------------------------------
     def _explain(self, error: RuntimeError) -> Exception:
-        """A CorruptImageError naming the file behind ``error``, or ``error`` if none is found.
-
-        DALI's message names the file on some decoder paths; otherwise the reader is replayed
-        from the last consumed batch and the few files it was about to decode are checked.
-        """
-        message = str(error)
-        path = next((f for f in self.files if f in message), None) or self._find_unreadable()
-        if path is None:
-            return error
-        details = [line.strip() for line in message.splitlines() if line.strip() and "no longer valid" not in line]
-        return CorruptImageError(f"cannot read {Path(self.root) / path} ({details[-1] if details else 'unknown'}): "
-                                 f"add '{path}' to {Path(self.root) / 'bad_files.txt'} (python -m data.scan "
-                                 f"{self.root} lists every bad file) and restart")
-
-    def _find_unreadable(self) -> Optional[str]:
-        """Replay the reader (CPU only) from the last consumed batch; the first file PIL can't decode."""
+        """A CorruptImageError naming the sample behind ``error`` (one of those fed to DALI and not
+        yet consumed), or ``error`` if all of them decode."""
         from data.scan import UNREADABLE, check_image
 
-        try:
-            position = self._iter.checkpoints()[0]
-            probe = self._pipeline(reader_only=True)
-            probe.build()
-            probe = self._pipeline(checkpoint=_transplant(probe.checkpoint(), position, READER), reader_only=True)
-            probe.build()
-            # The failing batch is the next one or one of those prefetched after it.
-            names = [sample.source_info() for _ in range(PREFETCH + 1) for sample in probe.run()[0]]
-        except Exception:  # a best-effort diagnosis: if it fails, the original DALI error is raised
-            return None
-        # source_info() is the name as passed in `files`, relative to root.
-        return next((name for name in names if check_image(str(Path(self.root) / name))[0] == UNREADABLE), None)
+        for index in (i for batch in self._pending for i in batch):
+            status, reason = check_image(self.source.name(index), self.source.read(index))
+            if status == UNREADABLE:
+                name = self.source.name(index)
+                listing = Path(self.root) / "bad_files.txt"
+                return CorruptImageError(f"cannot read {Path(self.root) / name} ({reason}): add '{name}' to "
+                                         f"{listing} (python -m data.scan {self.root} lists every bad file) and "
+                                         f"run the same command again: it continues where it stopped")
+        return error
 
 
-def _protobuf_fields(buf: bytes) -> Iterator[Tuple[int, bytes, bytes]]:
-    """(field number, payload, raw bytes) of a protobuf message made of length-delimited fields."""
-    def varint(i: int) -> Tuple[int, int]:
-        value = shift = 0
-        while True:
-            value |= (buf[i] & 0x7F) << shift
-            shift += 7
-            i += 1
-            if buf[i - 1] < 0x80:
-                return value, i
-    i = 0
-    while i < len(buf):
-        tag, j = varint(i)
-        size, j = varint(j)
-        yield tag >> 3, buf[j:j + size], buf[i:j + size]
-        i = j + size
-
-
-def _transplant(target: bytes, source: bytes, op_name: str) -> bytes:
-    """``target`` checkpoint with operator ``op_name``'s state taken from ``source``.
-
-    A DALI checkpoint is a protobuf: field 1 repeats (field 1: operator name, field 2: state)
-    for every operator; restoring requires the exact operator set, hence the splice.
-    """
-    def op_state(checkpoint: bytes) -> Dict[str, bytes]:
-        states = {}
-        for number, payload, raw in _protobuf_fields(checkpoint):
-            if number == 1:
-                states[next(p for n, p, _ in _protobuf_fields(payload) if n == 1).decode()] = raw
-        return states
-    donor = op_state(source)[op_name]
-    out = bytearray()
-    for number, payload, raw in _protobuf_fields(target):
-        is_op = number == 1 and next(p for n, p, _ in _protobuf_fields(payload) if n == 1).decode() == op_name
-        out += donor if is_op else raw
-    return bytes(out)
-
-
-def build_dali_loader(root: str, files: List[str], labels: List[int], *, train: bool, batch_size: int,
+def build_dali_loader(source: Source, root: str, *, train: bool, batch_size: int, accum_steps: int,
                       image_size: int, val_resize: int, scale: Sequence[float], ratio: Sequence[float], hflip: float,
                       randaugment_n: int, randaugment_m: int, fill: int, workers: int, rank: int, world_size: int,
                       seed: int, device: torch.device) -> DaliLoader:
-    """This rank's uint8 loader for one split; a CUDA device decodes on the GPU, a CPU device runs a
-    CPU-only pipeline (``device_id=None``). ``files`` are relative to ``root``."""
+    """This rank's uint8 loader for one split of ``source`` (read from ``root``); a CUDA device
+    decodes on the GPU, a CPU device runs a CPU-only pipeline (``device_id=None``)."""
     if not dali_available():
         raise UserError("NVIDIA DALI is not installed: pip install -r requirements.txt, or use data.loader=torch")
     augment = dict(image_size=image_size, val_resize=val_resize, scale=scale, ratio=ratio, hflip=hflip,
                    randaugment_n=randaugment_n, randaugment_m=randaugment_m, fill=fill)
-    return DaliLoader(root, files, labels, train=train, batch_size=batch_size, workers=workers, rank=rank,
-                      world_size=world_size, device=device, seed=seed, augment=augment)
+    return DaliLoader(source, root, train=train, batch_size=batch_size, accum_steps=accum_steps, workers=workers,
+                      rank=rank, world_size=world_size, device=device, seed=seed, augment=augment)

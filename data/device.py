@@ -1,7 +1,8 @@
 """The one layer between a backend's uint8 batches and the engine's ``Loader`` contract.
 
 Both backends (``TorchLoader``, ``DaliLoader``) keep the rest of that contract (length, epochs,
-position) but hand over uint8 ``(B, 3, H, W)`` images on the device; here, for either of them
+position) but hand over uint8 ``(B, 3, H, W)`` images on the device, with labels and sample ids
+(``data.order.sample_id``); here, for either of them
 alike, they become float32 normalised by the dataset's mean and std, in the requested memory
 format, and (training only) randomly erased with timm's ``RandomErasing``.
 """
@@ -42,9 +43,14 @@ class DeviceLoader:
     def load_state_dict(self, state: Dict) -> None:
         self.backend.load_state_dict(state)
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.backend:
+    def items(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """``(images, labels, ids)``: the batches with their samples' ids (int64 views of the uint64
+        ``sample_id``s), to check which samples a run saw."""
+        for images, labels, ids in self.backend:
             images = normalise(images.contiguous(memory_format=self.memory_format), self.mean, self.std)
             if self.erase is not None:
                 images = self.erase(images)
-            yield images, labels
+            yield images, labels, ids
+
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        return ((images, labels) for images, labels, _ in self.items())

@@ -2,16 +2,19 @@
 
 Every image under ROOT is opened, verified and fully decoded with PIL in parallel. Unreadable or
 truncated files are written to ``ROOT/bad_files.txt`` (paths relative to ROOT), which both loaders
-skip. Readable files in an unusual encoding (CMYK, or PNG data named .JPEG, as ImageNet has a few
-of) are only reported as 'needs-conversion': PIL and DALI decode them, slower tools may not.
+and ``python -m data.make_shards`` skip. Readable files in an unusual encoding (CMYK, or PNG data
+named .JPEG, as ImageNet has a few of) are only reported as 'needs-conversion': PIL and DALI
+decode them, slower tools may not. In a shard folder (``manifest.json``) every shard's sha256 is
+checked against the manifest first, and bad samples are listed as ``<shard>:<member>``.
 """
 import argparse
 import contextlib
+import io
 import os
 import sys
 from multiprocessing import Pool
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 from PIL import Image
 
@@ -22,12 +25,15 @@ OK, NEEDS_CONVERSION, UNREADABLE = "ok", "needs-conversion", "unreadable"
 _JPEG_SUFFIXES = (".jpg", ".jpeg")
 
 
-def check_image(path: str) -> Tuple[str, str]:
-    """(status, reason) of one image: OK, NEEDS_CONVERSION or UNREADABLE."""
+def check_image(path: str, data: Optional[bytes] = None) -> Tuple[str, str]:
+    """(status, reason) of one image (its encoded ``data`` if given, else the file at ``path``):
+    OK, NEEDS_CONVERSION or UNREADABLE."""
+    def open_image():
+        return Image.open(path if data is None else io.BytesIO(data))
     try:
-        with Image.open(path) as image:
+        with open_image() as image:
             image.verify()  # structure and checksums; the image object is unusable afterwards
-        with Image.open(path) as image:
+        with open_image() as image:
             image.load()  # the full decode catches truncated JPEGs that verify() lets through
             fmt, mode = image.format, image.mode
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, DecompressionBombError, ...)
@@ -81,13 +87,23 @@ def main(argv: List[str] = None) -> None:
     args = parser.parse_args(argv)
     if not Path(args.root).is_dir():
         raise UserError(f"'{args.root}' is not a folder: pass the dataset root that holds train/ and val/")
-    found = scan(args.root, args.workers)
+    from data.shards import is_shard_root, scan_shards, verify
+    if is_shard_root(args.root):  # a shard folder: every shard's sha256 against its manifest, then every image
+        problems = verify(args.root)
+        print("\n".join(problems + [f"{len(problems)} shards differ from {args.root}/manifest.json"]))
+        found = scan_shards(args.root, args.workers)
+    else:
+        problems, found = [], scan(args.root, args.workers)
     for status in (NEEDS_CONVERSION, UNREADABLE):
         for path, reason in sorted(found[status].items()):
             print(f"{status}: {path}: {reason}")
     listing = write_bad_files(args.root, found[UNREADABLE])
     print(f"{len(found[UNREADABLE])} unreadable (written to {listing}, skipped by the loaders), "
           f"{len(found[NEEDS_CONVERSION])} need conversion (readable, left in)")
+    if problems:
+        raise UserError(f"{len(problems)} shards in '{args.root}' differ from their manifest (their unreadable images "
+                        f"are listed in {listing}): convert again (python -m data.make_shards SRC {args.root}) or "
+                        "restore them")
 
 
 if __name__ == "__main__":

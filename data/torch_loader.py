@@ -3,34 +3,37 @@
 Batches stay uint8 until they reach the device (``data.device`` normalises them there), so
 only a quarter of float32's bytes cross the host-device link.
 """
+import io
 import logging
 import random
-from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 from torchvision import transforms
+
+from data.order import Source
+from data.sampling import TrainOrder, val_indices
 
 log = logging.getLogger(__name__)
 
 
 class ImageList(Dataset):
-    """The listed images with their labels; an unreadable one is replaced by the next.
+    """A source's samples as (image, label, id); an unreadable one is replaced by the next.
 
-    A file that fails to decode mid-run is reported with its path and replaced by the next
+    A file that fails to decode mid-run is reported with its name and replaced by the next
     sample, so one bad JPEG never ends a run hours in (``python -m data.scan`` lists them
     all up front).
     """
 
-    def __init__(self, root: str, files: Sequence[str], labels: Sequence[int], transform):
-        self.root, self.files, self.labels, self.transform = Path(root), list(files), list(labels), transform
+    def __init__(self, source: Source, transform):
+        self.source, self.transform = source, transform
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self.source)
 
     def __getitem__(self, item: Union[int, Tuple[int, int]]):
         """``item`` is an index, or (index, seed): then the augmentation draws from that seed alone
@@ -50,47 +53,29 @@ class ImageList(Dataset):
             np.random.set_state(numpy_state)
 
     def _load(self, index: int):
-        path = self.root / self.files[index]
         try:
-            with Image.open(path) as image:
-                return self.transform(image.convert("RGB")), self.labels[index]
+            with Image.open(io.BytesIO(self.source.read(index))) as image:
+                sample = self.transform(image.convert("RGB"))
         except (OSError, ValueError) as e:
-            log.warning("skipping unreadable image %s (%s): run `python -m data.scan` to list bad files", path, e)
+            log.warning("skipping unreadable image %s (%s): run `python -m data.scan` to list bad files",
+                        self.source.name(index), e)
             return self._load((index + 1) % len(self))
+        return sample, int(self.source.labels[index]), int(self.source.ids[index].view(np.int64))
 
 
-class EpochSampler(DistributedSampler):
-    """DistributedSampler that can start mid-epoch and gives every sample its own seed.
+class OrderSampler(Sampler[Tuple[int, int]]):
+    """This rank's samples of the epoch from the current position (``TrainOrder``), each with its
+    augmentation seed: a resumed epoch replays the remaining batches exactly."""
 
-    Augmentations then depend on (seed, epoch, index) only, not on worker count or on where
-    a run was interrupted: a resumed epoch replays the remaining batches exactly. Each rank
-    takes ``floor(N / world_size)`` samples of the epoch's shuffle (the rest wait for a later
-    epoch), as DALI's sharded reader does.
-    """
-
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int):
-        super().__init__(dataset, num_replicas, rank, shuffle=True, seed=seed, drop_last=True)
-        self.start = 0  # samples of the epoch already seen
+    def __init__(self, order: TrainOrder):
+        self.order = order
 
     def __iter__(self) -> Iterator[Tuple[int, int]]:
-        base = (self.seed * 1_000_003 + self.epoch) * 1_000_003
-        return iter([(i, (base + i) % 2**63) for i in list(super().__iter__())[self.start:]])
+        indices = self.order.plan().ravel()
+        return iter(zip(indices.tolist(), self.order.augment_seeds(indices).tolist()))
 
     def __len__(self) -> int:
-        return self.num_samples - self.start
-
-
-class ShardSampler(Sampler[int]):
-    """Every ``world_size``-th index from ``rank``: each sample on exactly one rank, no padding."""
-
-    def __init__(self, size: int, rank: int, world_size: int):
-        self.indices = list(range(rank, size, world_size))
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
+        return len(self.order) * self.order.batch_size
 
 
 def train_transform(image_size: int, scale: Sequence[float], ratio: Sequence[float], hflip: float,
@@ -115,47 +100,48 @@ def val_transform(image_size: int, val_resize: int):
 
 
 class TorchLoader:
-    """A DataLoader's batches moved to ``device``, and (for training) its position in the epoch."""
+    """A DataLoader's ``(images, labels, ids)`` batches moved to ``device``; for training, its
+    position in the epoch is ``order``'s (``len()``: this rank's batches left in the epoch)."""
 
-    def __init__(self, loader: DataLoader, device: torch.device, epochs: Optional[EpochSampler] = None):
-        self.loader, self.device, self.epochs = loader, device, epochs
-        self.batch = 0  # batches of the epoch handed out
+    def __init__(self, loader: DataLoader, device: torch.device, order: Optional[TrainOrder] = None):
+        self.loader, self.device, self.order = loader, device, order
 
     def __len__(self) -> int:
-        return len(self.loader)
+        return len(self.order) if self.order is not None else len(self.loader)
 
     def set_epoch(self, epoch: int) -> None:
-        if self.epochs is not None:
-            self.epochs.set_epoch(epoch)
-            self.epochs.start = self.batch = 0
+        if self.order is not None:
+            self.order.set_epoch(epoch)
 
     def state_dict(self) -> Dict[str, int]:
-        return {"epoch": self.epochs.epoch, "batch": self.batch} if self.epochs is not None else {}
+        return self.order.state_dict() if self.order is not None else {}
 
     def load_state_dict(self, state: Dict[str, int]) -> None:
-        if self.epochs is not None:
-            self.epochs.set_epoch(state["epoch"])
-            self.batch = state["batch"]
-            self.epochs.start = self.batch * self.loader.batch_size
+        if self.order is not None:
+            self.order.load_state_dict(state)
 
-    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.loader:
-            self.batch += 1
-            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True)
+    def __iter__(self) -> Iterator[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for images, labels, ids in self.loader:
+            if self.order is not None:
+                self.order.consumed()
+            yield images.to(self.device, non_blocking=True), labels.to(self.device, non_blocking=True), ids
+        if self.order is not None:
+            self.order.finished()
 
 
-def build_torch_loader(root: str, files: List[str], labels: List[int], *, train: bool, batch_size: int,
-                       image_size: int, val_resize: int, scale: Sequence[float], ratio: Sequence[float],
-                       hflip: float, randaugment_n: int, randaugment_m: int, fill: int, workers: int,
-                       rank: int, world_size: int, seed: int, device: torch.device) -> TorchLoader:
-    """This rank's uint8 NCHW loader for one split (train: shuffled, last partial batch dropped)."""
+def build_torch_loader(source: Source, *, train: bool, batch_size: int, accum_steps: int, image_size: int,
+                       val_resize: int, scale: Sequence[float], ratio: Sequence[float], hflip: float,
+                       randaugment_n: int, randaugment_m: int, fill: int, workers: int, rank: int, world_size: int,
+                       seed: int, device: torch.device) -> TorchLoader:
+    """This rank's uint8 NCHW loader for one split (train: the global order, whole global batches)."""
     transform = (train_transform(image_size, scale, ratio, hflip, randaugment_n, randaugment_m, fill) if train
                  else val_transform(image_size, val_resize))
-    dataset = ImageList(root, files, labels, transform)
-    epochs = EpochSampler(dataset, world_size, rank, seed) if train else None
+    order = TrainOrder(source, seed=seed, rank=rank, world_size=world_size, batch_size=batch_size,
+                       accum_steps=accum_steps) if train else None
     # A generator of its own: starting an epoch then draws nothing from torch's global one, which the
     # engine's random streams (random erasing, dropout) share, so a resumed run replays them exactly.
-    loader = DataLoader(dataset, sampler=epochs or ShardSampler(len(dataset), rank, world_size), drop_last=train,
-                        batch_size=batch_size, num_workers=workers, pin_memory=device.type == "cuda",
-                        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
-    return TorchLoader(loader, device, epochs)
+    sampler = OrderSampler(order) if train else val_indices(len(source), rank, world_size).tolist()
+    loader = DataLoader(ImageList(source, transform), sampler=sampler, batch_size=batch_size, num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0,
+                        generator=torch.Generator().manual_seed(seed))
+    return TorchLoader(loader, device, order)

@@ -31,6 +31,7 @@ from omegaconf import DictConfig
 
 import scsa.training.config  # noqa: F401  (registers the resolvers conf/ uses)
 from custom_attention import SpatialMask
+from formats import as_shards
 from scsa.attention import register_attention
 from scsa.training.cli import CONFIG_DIR
 
@@ -87,6 +88,18 @@ def subset(tmp_path: Path) -> Callable[..., Path]:
 
     def make(train_per_class: int, val_per_class: int, classes: int = 10) -> Path:
         return copy_sample(tmp_path / f"data{next(made)}", train_per_class, val_per_class, classes)
+    return make
+
+
+DATA_FORMATS = ["folder", "shards"]  # how a dataset root can be stored: tests over `dataset` run once per format
+
+
+@pytest.fixture(params=DATA_FORMATS)
+def dataset(request, subset) -> Callable[..., Path]:
+    """``dataset(train_per_class, val_per_class, classes=10)``: a ``subset`` root in each stored format."""
+    def make(train_per_class: int, val_per_class: int, classes: int = 10) -> Path:
+        root = subset(train_per_class, val_per_class, classes)
+        return as_shards(root) if request.param == "shards" else root
     return make
 
 

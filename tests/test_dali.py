@@ -13,7 +13,7 @@ from torchvision import datasets, transforms  # noqa: E402
 
 from data.dali import CorruptImageError, build_dali_loader  # noqa: E402
 from data.device import DeviceLoader  # noqa: E402
-from data.folder import check_dataset_root, list_images  # noqa: E402
+from data.folder import FolderSource, check_dataset_root, list_images  # noqa: E402
 from data.scan import UNREADABLE, scan, write_bad_files  # noqa: E402
 
 MEAN, STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
@@ -39,11 +39,11 @@ def singletons(root: Path, n: int) -> Path:
 
 def loaders(root, **overrides):
     """DALI's uint8 (train, val) loaders over ``root``."""
-    args = dict(batch_size=4, image_size=16, val_resize=20, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
+    args = dict(batch_size=4, accum_steps=1, image_size=16, val_resize=20, scale=(0.25, 1.0), ratio=(3 / 4, 4 / 3), hflip=0.5,
                 randaugment_n=0, randaugment_m=9, fill=128, workers=1, rank=0, world_size=1, device=CPU, seed=0)
     args.update(overrides)
     classes = check_dataset_root(str(root))
-    return tuple(build_dali_loader(str(root), *list_images(str(root), split, classes), train=split == "train",
+    return tuple(build_dali_loader(FolderSource(str(root), split, classes), str(root), train=split == "train",
                                    **args) for split in ("train", "val"))
 
 
@@ -71,7 +71,7 @@ def test_labels_follow_imagefolder_order(tmp_path):
     assert list(zip(files, labels)) == expected
 
     train, _ = loaders(tmp_path, batch_size=5)
-    seen = torch.cat([y for _, y in train])
+    seen = torch.cat([y for _, y, _ in train])
     assert sorted(seen.tolist()) == sorted(labels)
 
 
@@ -116,7 +116,7 @@ def test_train_shards_are_disjoint_full_batches_reshuffled_every_epoch(eleven):
     assert len(ranks[0]) == len(ranks[1]) == 2
     orders = []
     for _ in range(3):
-        per_rank = [[y.tolist() for _, y in loader] for loader in ranks]
+        per_rank = [[y.tolist() for _, y, _ in loader] for loader in ranks]
         assert [[len(b) for b in batches] for batches in per_rank] == [[2, 2], [2, 2]]
         epoch = [label for batches in per_rank for batch in batches for label in batch]
         assert len(set(epoch)) == 8  # no image on two ranks, none twice
@@ -127,7 +127,7 @@ def test_train_shards_are_disjoint_full_batches_reshuffled_every_epoch(eleven):
 def test_train_drops_the_last_partial_batch(eleven):
     train, _ = loaders(eleven, batch_size=4)
     for _ in range(2):
-        assert [len(y) for _, y in train] == [4, 4] and len(train) == 2
+        assert [len(y) for _, y, _ in train] == [4, 4] and len(train) == 2
 
 
 @pytest.mark.parametrize("world_size,batch_size,n_images", [(1, 4, 11), (2, 4, 11), (3, 4, 11), (3, 3, 10),
@@ -138,7 +138,7 @@ def test_val_counts_every_image_once(eleven, world_size, batch_size, n_images):
     for rank in range(world_size):
         _, val = loaders(with_bad_files(eleven, skip), batch_size=batch_size, rank=rank, world_size=world_size)
         for _ in range(2):  # a second pass covers the same shard again
-            batches = [y.tolist() for _, y in val]
+            batches = [y.tolist() for _, y, _ in val]
             assert len(batches) == len(val) and all(batches)
         seen += [label for batch in batches for label in batch]
     assert sorted(seen) == list(range(n_images))
@@ -160,7 +160,7 @@ def test_state_dict_resumes_with_the_next_batch(eleven, consumed, randaugment_n)
     resumed.load_state_dict(torch.load(buffer, weights_only=True))
     got = list(resumed)
     assert len(got) == len(expected) == 5 - consumed
-    for (x0, y0), (x1, y1) in zip(expected, got):
+    for (x0, y0, _), (x1, y1, _) in zip(expected, got):
         assert torch.equal(y0, y1) and torch.equal(x0, x1)
     assert len(list(resumed)) == len(resumed) == 5  # and the next epoch is whole
 
@@ -178,8 +178,8 @@ def test_corrupt_jpeg_is_scanned_and_skipped(eleven, tmp_path):
     write_bad_files(str(root), found[UNREADABLE])
     train, val = loaders(root, batch_size=1)
     for _ in range(2):
-        assert sorted(torch.cat([y for _, y in train]).tolist()) == [0, 1, 3, 4, 5]
-    assert sorted(torch.cat([y for _, y in val]).tolist()) == list(range(6))
+        assert sorted(torch.cat([y for _, y, _ in train]).tolist()) == [0, 1, 3, 4, 5]
+    assert sorted(torch.cat([y for _, y, _ in val]).tolist()) == list(range(6))
 
 
 def test_unscanned_corrupt_jpeg_is_reported_with_its_path(tmp_path):
@@ -196,4 +196,4 @@ def test_gpu_loader_matches_cpu_labels(eleven):
     _, cpu_val = loaders(eleven)
     images, labels = next(iter(gpu_train))
     assert images.is_cuda and labels.is_cuda and labels.dtype == torch.int64
-    assert [y.tolist() for _, y in gpu_val] == [y.tolist() for _, y in cpu_val]
+    assert [y.tolist() for _, y, _ in gpu_val] == [y.tolist() for _, y, _ in cpu_val]

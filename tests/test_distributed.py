@@ -32,8 +32,8 @@ def test_torchrun_two_ranks_on_cpu(tmp_path, subset, run_cli, repo):
     run_dir = run_dirs[0]
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [0, 1]
-    # 108 train images per rank, batches of 8: 13 per epoch, so 6 updates of 2 and a last one of 1
-    assert [r["step"] for r in records] == [7, 14]
+    # 216 train images, global batches of 2 ranks x 8 x 2 = 32: 6 updates per epoch (24 images wait)
+    assert [r["step"] for r in records] == [6, 12]
     assert all(r["val_images"] == 63 for r in records)
     log = (run_dir / "train.log").read_text()
     assert "world=2" in log and "weights identical on all 2 ranks: True" in log

@@ -110,7 +110,7 @@ def test_bad_roots_are_one_line_errors_naming_the_fix(repo, subset, tmp_path):
     (root / "val" / "coat").rename(root / "val" / "coats")
     with pytest.raises(UserError, match=r"class folders differ .*coats"):
         build(data_cfg(repo, root))
-    with pytest.raises(UserError, match="too few images for one full batch"):
+    with pytest.raises(UserError, match="too few images for one full global batch"):
         build(data_cfg(repo, subset(1, 1, classes=2), loader="torch", batch_size=3))
     with pytest.raises(UserError, match="unknown data.loader 'pil': use auto, dali, torch"):
         build(data_cfg(repo, subset(1, 1, classes=2), loader="pil"))

@@ -3,8 +3,6 @@ import errno
 import json
 import os
 import signal
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -14,6 +12,7 @@ from data.dali import dali_available
 from scsa.training.checkpoint import keep_epoch_copy, load_checkpoint, previous_path, save_atomic
 from scsa.errors import EXIT_PREEMPTED, UserError
 from scsa.trained import load_trained
+from progress import wait_for_step
 
 # 10 classes x 40 train images at batch 16: 25 steps per epoch, quick on 2 CPU cores.
 TRAIN = ["model=resnet18", "attention=none", "data.image_size=32", "data.val_resize=32", "data.batch_size=16",
@@ -26,22 +25,6 @@ def train_args(data_root, run_dir, *extra, loader="torch"):
 
 def final_weights(run_dir: Path) -> dict:
     return torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["model"]
-
-
-def wait_for_step(run_dir: Path, step: int, process: subprocess.Popen, timeout: float = 300) -> None:
-    """Block until a checkpoint at or past ``step`` exists (mid-epoch checkpoints every step)."""
-    last = run_dir / "checkpoints" / "last.pt"
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        if last.is_file():
-            try:
-                if torch.load(last, weights_only=True)["state"]["step"] >= step:
-                    return
-            except Exception:
-                pass  # being replaced right now
-        time.sleep(0.2)
-    raise TimeoutError(f"no checkpoint at step {step}")
 
 
 @pytest.mark.slow

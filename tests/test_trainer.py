@@ -61,26 +61,34 @@ def train_one_epoch(trainer: Trainer) -> None:
         watcher.close()
 
 
-def test_each_update_is_the_mean_gradient_of_its_group_and_the_short_group_is_not_dropped(tiny_trainer):
+def test_each_update_is_the_mean_gradient_of_a_whole_group(tiny_trainer):
     torch.manual_seed(0)
-    batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(5)]  # groups of 2: 2 + 2 + 1
+    batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(6)]  # groups of 2: 2 + 2 + 2
     model = nn.Linear(6, 3)  # no BatchNorm: accumulated and whole-group gradients agree exactly
     expected = copy.deepcopy(model)
 
     trainer = tiny_trainer(model, batches, "trainer.accum_steps=2")
     train_one_epoch(trainer)
 
-    for group in (batches[0:2], batches[2:4], batches[4:5]):
+    for group in (batches[0:2], batches[2:4], batches[4:6]):
         images, labels = torch.cat([b[0] for b in group]), torch.cat([b[1] for b in group])
         expected.zero_grad()
         nn.functional.cross_entropy(expected(images), labels).backward()
         with torch.no_grad():
             for p in expected.parameters():
                 p -= 0.5 * p.grad
-    assert trainer.state.step == 3
+    assert trainer.state.step == trainer.state.epoch_steps == 3
     assert all(p.grad is None for p in model.parameters())  # nothing carried into the next epoch
     for got, want in zip(model.parameters(), expected.parameters()):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_a_loader_with_a_short_last_group_is_refused_before_it_carries_gradients_over(tiny_trainer):
+    batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(5)]  # groups of 2: 2 + 2 + 1
+    trainer = tiny_trainer(nn.Linear(6, 3), batches, "trainer.accum_steps=2")
+    with pytest.raises(RuntimeError, match="not whole groups of trainer.accum_steps=2"):
+        train_one_epoch(trainer)
+    assert trainer.state.step == 0
 
 
 def test_sync_bn_off_the_gpu_is_a_clear_error(tiny_trainer):

@@ -1,4 +1,5 @@
 """timm's training options: each off by default, each on with one override, used end to end."""
+import functools
 import json
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from PIL import Image
 from data import randaugment_fill
 from data.dali import build_dali_loader, dali_available
 from data.device import DeviceLoader
-from data.folder import list_images
+from data.folder import FolderSource
 from data.torch_loader import ImageList, build_torch_loader, train_transform
 from scsa.training.recipe import build_mixup
 from scsa.errors import UserError
@@ -31,10 +32,9 @@ def test_every_option_is_off_by_default_and_in_the_paper_recipes(compose_train, 
 
 
 def test_randaugment_changes_the_crop_and_replays_from_the_sample_seed(repo):
-    path = next((repo / "data" / "sample" / "train" / "bag").iterdir())
-    plain = ImageList(path.parent, [path.name], [0], train_transform(48, (0.5, 1.0), (0.75, 1.33), 0.5, 0, 9, 128))
-    augmented = ImageList(path.parent, [path.name], [0],
-                          train_transform(48, (0.5, 1.0), (0.75, 1.33), 0.5, 2, 9, 128))
+    bags = FolderSource(str(repo / "data" / "sample"), "train", ["bag"])
+    plain = ImageList(bags, train_transform(48, (0.5, 1.0), (0.75, 1.33), 0.5, 0, 9, 128))
+    augmented = ImageList(bags, train_transform(48, (0.5, 1.0), (0.75, 1.33), 0.5, 2, 9, 128))
     draws = [augmented[(0, seed)][0] for seed in (1, 1, 2)]
     assert torch.equal(draws[0], draws[1])       # same per-sample seed: same ops, same magnitudes
     assert not torch.equal(draws[0], draws[2])
@@ -52,14 +52,14 @@ def uniform_dataset(root: Path, value: int, n: int = 16) -> Path:
 def randaugment_corners(build, root: Path, fill: int) -> np.ndarray:
     """The corner pixels of strongly RandAugmented copies of one flat image: uncovered by a
     rotation, shear or translation, they show the fill."""
-    files, labels = list_images(str(root), "train", ["a"])
-    loader = build(str(root), files, labels, train=True, batch_size=16, image_size=32, val_resize=32,
+    loader = build(FolderSource(str(root), "train", ["a"]), train=True, batch_size=16, accum_steps=1, image_size=32,
+                   val_resize=32,
                    scale=(1.0, 1.0), ratio=(1.0, 1.0), hflip=0.0, randaugment_n=3, randaugment_m=10, fill=fill,
                    workers=0, rank=0, world_size=1, seed=0, device=CPU)
     corners = []
     for epoch in range(2):
         loader.set_epoch(epoch)
-        for images, _ in loader:
+        for images, _, _ in loader:
             corners.append(images[:, :, [0, 0, -1, -1], [0, -1, 0, -1]].permute(0, 2, 1).reshape(-1, 3))
     return torch.cat(corners).numpy()
 
@@ -68,27 +68,28 @@ def test_randaugment_fills_with_the_same_grey_in_both_loaders(tmp_path):
     root = uniform_dataset(tmp_path / "flat", 100)
     fill = randaugment_fill([60.2, 59.9, 60.0])
     assert fill == 60
-    for build in [build_torch_loader] + ([build_dali_loader] if dali_available() else []):
-        corners = randaugment_corners(build, root, fill)
-        assert (corners == fill).all(1).any(), build.__name__  # uncovered corners show exactly the fill
-        assert not (corners == 128).all(1).any(), build.__name__  # not DALI's own default grey
+    builds = {"torch": build_torch_loader, "dali": functools.partial(build_dali_loader, root=str(root))}
+    for name in ("torch", "dali") if dali_available() else ("torch",):
+        corners = randaugment_corners(builds[name], root, fill)
+        assert (corners == fill).all(1).any(), name  # uncovered corners show exactly the fill
+        assert not (corners == 128).all(1).any(), name  # not DALI's own default grey
 
 
 def test_dali_randaugment_runs_and_differs_from_the_plain_pipeline(subset):
     pytest.importorskip("nvidia.dali")
     root = subset(4, 1, classes=2)
-    files, labels = list_images(str(root), "train", ["ankle-boot", "bag"])
-    common = dict(train=True, batch_size=8, image_size=32, val_resize=32, scale=(1.0, 1.0), ratio=(1.0, 1.0),
-                  hflip=0.0, randaugment_m=10, fill=128, workers=1, rank=0, world_size=1, device=CPU, seed=3)
-    plain = next(iter(build_dali_loader(str(root), files, labels, randaugment_n=0, **common)))[0]
-    augmented = next(iter(build_dali_loader(str(root), files, labels, randaugment_n=3, **common)))[0]
+    source = FolderSource(str(root), "train", ["ankle-boot", "bag"])
+    common = dict(train=True, batch_size=8, accum_steps=1, image_size=32, val_resize=32, scale=(1.0, 1.0),
+                  ratio=(1.0, 1.0), hflip=0.0, randaugment_m=10, fill=128, workers=1, rank=0, world_size=1, device=CPU, seed=3)
+    plain = next(iter(build_dali_loader(source, str(root), randaugment_n=0, **common)))[0]
+    augmented = next(iter(build_dali_loader(source, str(root), randaugment_n=3, **common)))[0]
     assert augmented.shape == plain.shape == (8, 3, 32, 32)
     assert not torch.equal(plain, augmented)
 
 
 class ZeroBatches:
     def __iter__(self):
-        yield torch.full((4, 3, 16, 16), 100, dtype=torch.uint8), torch.arange(4)
+        yield torch.full((4, 3, 16, 16), 100, dtype=torch.uint8), torch.arange(4), torch.arange(4)
 
     def __len__(self):
         return 1

@@ -7,11 +7,10 @@ own ``TrainerConfig``. Its state can be saved at any step boundary and resumed f
 (mid-epoch included).
 """
 import contextlib
-import math
 import time
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -73,7 +72,8 @@ def timed(loader: Iterable) -> Iterator[Tuple[torch.Tensor, torch.Tensor, float]
 @dataclass
 class TrainState:
     epoch: int = 0            # the epoch in progress (or the next to run)
-    batch: int = 0            # loader batches of that epoch already consumed
+    batch: int = 0            # loader batches of that epoch already consumed on this rank
+    epoch_steps: int = 0      # optimiser updates of that epoch so far (skipped ones included)
     step: int = 0             # optimiser steps taken so far
     loss_sum: float = 0.0     # this rank's summed train loss over the epoch's images so far
     images: int = 0           # this rank's train images so far in the epoch
@@ -82,8 +82,34 @@ class TrainState:
 
 
 def updates_per_epoch(batches: int, accum_steps: int) -> int:
-    """Optimiser steps in an epoch of ``batches`` batches (a short last group makes one too)."""
-    return math.ceil(batches / accum_steps)
+    """Optimiser steps in an epoch of ``batches`` batches: whole groups of ``accum_steps`` (a train
+    loader's epoch is whole global batches, so there is no rest)."""
+    return batches // accum_steps
+
+
+def elastic_accum_steps(loader_states: List[Dict[str, Any]], world_size: int, batch_size: int,
+                        accum_steps: int) -> Tuple[int, Optional[str]]:
+    """The accumulation steps that keep a checkpoint's global batch on this world size, and a line
+    saying what was adjusted (None if nothing was). ``loader_states``: the checkpoint's, one per rank."""
+    saved = loader_states[0] if loader_states else {}
+    if "global_batch" not in saved:  # written before the global batch was recorded: nothing to keep
+        return accum_steps, None
+    global_batch = saved["global_batch"]
+    if world_size * batch_size * accum_steps == global_batch:
+        return accum_steps, None
+    per_rank, rest = divmod(global_batch, world_size * batch_size)
+    if rest or per_rank == 0:
+        rows = global_batch // batch_size if global_batch % batch_size == 0 else 0
+        worlds = [str(w) for w in range(1, rows + 1) if rows % w == 0]
+        fix = (f"run on {', '.join(worlds)} ranks" if worlds
+               else f"use data.batch_size={saved['batch_size']}, as the checkpoint did")
+        saved_accum = global_batch // (saved["world_size"] * saved["batch_size"])
+        raise UserError(f"the checkpoint's global batch of {global_batch} samples ({saved['world_size']} ranks x "
+                        f"data.batch_size={saved['batch_size']} x trainer.accum_steps={saved_accum}) cannot be kept "
+                        f"on {world_size} ranks x data.batch_size={batch_size}: {fix}")
+    return per_rank, (f"resuming a {saved['world_size']}-rank checkpoint on {world_size} ranks: trainer.accum_steps "
+                      f"{accum_steps} -> {per_rank} keeps the global batch of {global_batch} samples (the same "
+                      f"optimiser steps and lr schedule)")
 
 
 class Trainer:
@@ -156,8 +182,15 @@ class Trainer:
         self.state = TrainState(**checkpoint["state"])
         set_rng_state(checkpoint["rng"])
         loader_states = checkpoint.get("loader") or []
-        if len(loader_states) == self.dist.world_size and loader_states[self.dist.rank]:
-            self.train_loader.load_state_dict(loader_states[self.dist.rank])
+        if loader_states and "samples_done" not in loader_states[0]:  # an earlier version's position by index
+            if self.state.batch:
+                raise UserError(f"{path} was written mid-epoch by an earlier version, whose loader position "
+                                f"this one cannot use: resume from an end-of-epoch checkpoint (resume=PATH), or "
+                                f"resume=none")
+        elif loader_states:  # the position is the same on every rank; a rank's own also has its random states
+            own = self.dist.rank if len(loader_states) == self.dist.world_size else 0
+            self.train_loader.load_state_dict(loader_states[own])
+            self.state.batch = self.state.epoch_steps * self.cfg.accum_steps
         self.tracker.info("resumed from %s at epoch %d, batch %d, step %d", path, self.state.epoch,
                           self.state.batch, self.state.step)
 
@@ -186,7 +219,8 @@ class Trainer:
                 distributed.average_batchnorm(model, self.dist.world_size)
         val = evaluate(self.eval_model, self.val_loader, self.precision, self.device)
         self.scheduler.step(epoch + 1)  # epoch-based schedules; per-step ones move in step_update
-        self.state.epoch, self.state.batch, self.state.loss_sum, self.state.images = epoch + 1, 0, 0.0, 0
+        self.state.epoch, self.state.batch, self.state.epoch_steps = epoch + 1, 0, 0
+        self.state.loss_sum, self.state.images = 0.0, 0
         record = {"epoch": epoch, **train, "val_loss": val["loss"], "val_top1": val["top1"],
                   "val_top5": val["top5"], "val_images": val["images"], "step": self.state.step,
                   "skipped_steps": self.state.skipped_steps}
@@ -211,20 +245,21 @@ class Trainer:
         if self.state.batch == 0:  # a resumed epoch is already positioned (load_state_dict)
             loader.set_epoch(epoch)
         epoch_batches = self.state.batch + len(loader)
+        if epoch_batches % self.cfg.accum_steps:  # a short last group would carry gradients into the next epoch
+            raise RuntimeError(f"the train loader's epoch has {epoch_batches} batches, not whole groups of "
+                               f"trainer.accum_steps={self.cfg.accum_steps}: it breaks the Loader contract")
         throughput = Throughput()
         self.tracker.start_bar(updates_per_epoch(epoch_batches, self.cfg.accum_steps),
                                f"epoch {epoch + 1}/{self.cfg.epochs}", initial=self.state.batch // self.cfg.accum_steps)
         pending_loss, pending_images = torch.zeros((), dtype=torch.float64, device=self.device), 0
         try:
             for images, labels, wait in timed(loader):
-                # Groups of accum_steps batches; as in timm, the epoch's last group may be shorter
-                # and still makes its update (nothing carries over into the next epoch).
-                group_start = self.state.batch // self.cfg.accum_steps * self.cfg.accum_steps
-                group = min(self.cfg.accum_steps, epoch_batches - group_start)
+                # Groups of accum_steps batches; the loader's epoch is whole groups (whole global
+                # batches), so every update has all of them and nothing carries over into the next epoch.
                 self.state.batch += 1
-                is_update = self.state.batch == group_start + group
+                is_update = self.state.batch % self.cfg.accum_steps == 0
                 images, targets = self.mixup(images, labels) if self.mixup else (images, labels)
-                loss = self._forward_backward(images, targets, sync=is_update, group=group)
+                loss = self._forward_backward(images, targets, sync=is_update, group=self.cfg.accum_steps)
                 if not self.kernels_logged:
                     self.kernels_logged = True
                     self.tracker.log_kernels(kernel_decisions())
@@ -234,6 +269,7 @@ class Trainer:
                 if not is_update:
                     continue
                 nonfinite, preempt = self._step_flags(loss, self._clip_gradients(), watcher)
+                self.state.epoch_steps += 1
                 if nonfinite:
                     self._skip_step()
                 else:
