@@ -24,7 +24,7 @@ from scsa.attention.scsa import SCSA
 from scsa.attention.se import SE
 
 __all__ = ["CBAM", "CoordAttention", "ECA", "EMA", "POSITIONS", "SCSA", "SE",
-           "create_attention", "default_position", "list_attentions", "register_attention"]
+           "attention_factory", "create_attention", "default_position", "list_attentions", "register_attention"]
 
 POSITIONS = ("mid", "end")
 
@@ -57,6 +57,11 @@ def _entry(name: str) -> _Entry:
 def default_position(name: str) -> str:
     """Where attention ``name`` goes in a block unless told otherwise: ``mid`` or ``end``."""
     return _entry(name).position
+
+
+def attention_factory(name: str) -> Callable[..., nn.Module]:
+    """What builds attention ``name`` (its class): its signature says which kwargs the module takes."""
+    return _entry(name).factory
 
 
 def create_attention(name: str, channels: int, **kwargs) -> nn.Module:
