@@ -205,7 +205,7 @@ def unknown_key(dotted: str, valid: Iterable[str], command: str) -> UserError:
     return UserError(f"unknown key '{dotted}'{hint} (`python {command}.py --help` lists every key)")
 
 
-def _fields_at(model: Type[BaseModel], loc: Tuple[Any, ...]) -> List[str]:
+def fields_at(model: Type[BaseModel], loc: Tuple[Any, ...]) -> List[str]:
     """The field names of the group at ``loc`` inside ``model``."""
     for part in loc:
         field = model.model_fields.get(part)
@@ -221,7 +221,7 @@ def _explain(error: Dict[str, Any], schema: Type[Group], command: str) -> UserEr
     loc = tuple(error["loc"])
     dotted = ".".join(str(p) for p in loc)
     if error["type"] == "extra_forbidden":
-        return unknown_key(dotted, _fields_at(schema, loc[:-1]), command)
+        return unknown_key(dotted, fields_at(schema, loc[:-1]), command)
     if error["type"] == "missing":
         return UserError(f"{dotted} is missing: set it, e.g. {dotted}=<value>")
     value = error.get("input")
@@ -248,8 +248,8 @@ def check_kwargs(factory: Callable, kwargs: Dict[str, Any], where: str, command:
 def check_config(cfg: DictConfig, command: str) -> None:
     """Raise a one-line UserError for the first value of ``cfg`` (minus ``hydra``) its schema refuses."""
     schema = COMMANDS[command]
-    values = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True, throw_on_missing=False).items()
-              if k != "hydra"}
+    values = OmegaConf.to_container(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]), resolve=True,
+                                    throw_on_missing=False)
     try:
         checked = schema.model_validate(values)
     except ValidationError as e:
