@@ -1,7 +1,12 @@
-"""Nothing may lose a long run: resume, preemption, non-finite steps, safe and atomic checkpoints."""
+"""Nothing may lose a long run: resume, preemption, non-finite steps, safe and atomic checkpoints.
+
+The tests named ``..._finding_N`` hold issue 18's findings (README "Reliability").
+"""
 import errno
 import json
 import os
+import random
+import shutil
 import signal
 import subprocess
 import time
@@ -9,10 +14,22 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
+from conftest import command, command_env, copy_sample
 from data.dali import dali_available
-from scsa.training.checkpoint import keep_epoch_copy, load_checkpoint, previous_path, save_atomic
-from scsa.errors import EXIT_PREEMPTED, UserError
+from data.folder import check_dataset_root
+from scsa.training.checkpoint import (find_resume, keep_epoch_copy, load_checkpoint, model_differences, previous_path,
+                                      save_atomic)
+from scsa.training.distributed import DistInfo
+from scsa.training.precision import Precision
+from scsa.training.preemption import PreemptionWatcher
+from scsa.training.recipe import build_scheduler
+from scsa.training.rundir import RunDirLock, set_aside
+from scsa.training.trainer import Trainer, TrainerConfig
+from scsa.training.tracking import Tracker
+from scsa.training.wandb_run import WandbRun
+from scsa.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from scsa.trained import load_trained
 
 # 10 classes x 40 train images at batch 16: 25 steps per epoch, quick on 2 CPU cores.
@@ -107,19 +124,26 @@ def test_diverging_run_stops_naming_the_step_and_never_saves_a_broken_model(tmp_
 
 
 @pytest.mark.slow
-def test_truncated_last_checkpoint_falls_back_to_the_previous(tmp_path, tiny_data, run_cli):
+def test_truncated_last_checkpoint_falls_back_to_the_previous_finding_5_and_6(tmp_path, tiny_data, run_cli):
     run_dir = tmp_path / "run"
     first = run_cli(train_args(tiny_data, run_dir, "trainer.epochs=2"))
     assert first.returncode == 0, first.stderr[-3000:]
     last = run_dir / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])  # a crash mid-copy, a full disk...
+    stale = run_dir / "checkpoints" / ".last.pt.abc123.tmp"  # finding 6: what a kill -9 during a write leaves
+    stale.write_bytes(b"half a checkpoint")
     second = run_cli(train_args(tiny_data, run_dir, "trainer.epochs=3"))
     assert second.returncode == 0, second.stderr[-3000:]
     log = (run_dir / "train.log").read_text()
     assert "skipping checkpoint" in log and "truncated or corrupt" in log
     assert "resumed from" in (run_dir / "train.log").read_text()
+    assert not stale.exists()
     records = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert records == [0, 1, 1, 2]  # epoch 1 is redone from last.prev.pt (the end of epoch 0)
+    assert records == [0, 1, 2]  # epoch 1 is redone from last.prev.pt (the end of epoch 0), its line once
+
+
+def epochs_logged(run_dir: Path) -> list:
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 class Payload:
@@ -151,7 +175,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", no_space)
-    with pytest.raises(UserError, match="No space left on device.*previous checkpoint is intact"):
+    with pytest.raises(UserError, match="no space left on .*previous checkpoint is intact"):
         save_atomic({"step": 2}, path, keep_previous=True)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left behind
@@ -173,3 +197,127 @@ def test_keep_last_n_epoch_checkpoints(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("epoch_*.pt")) == ["epoch_0003.pt", "epoch_0004.pt"]
     assert torch.load(tmp_path / "epoch_0003.pt", weights_only=True) == {"epoch": 3}  # a link keeps its bytes
     assert torch.load(last, weights_only=True) == {"epoch": 4}
+
+
+# ---- issue 18: unit tests --------------------------------------------------------------------------------------
+def test_empty_last_checkpoint_falls_back_to_the_previous_finding_7(tmp_path):
+    save_atomic({"step": 1}, tmp_path / "last.pt", keep_previous=True)
+    save_atomic({"step": 2}, tmp_path / "last.pt", keep_previous=True)
+    (tmp_path / "last.pt").write_bytes(b"")
+    warnings = []
+    path, checkpoint = find_resume("auto", tmp_path, warnings.append)
+    assert path.name == "last.prev.pt" and checkpoint == {"step": 1}
+    assert len(warnings) == 1 and "empty, truncated or corrupt" in warnings[0]
+    with pytest.raises(UserError, match="empty, truncated or corrupt"):
+        load_trained(str(tmp_path / "last.pt"))  # evaluate.py's path
+
+
+@pytest.mark.parametrize("damage", ["truncate", "unsafe"])
+def test_checkpoints_of_which_none_loads_stop_the_run_finding_1(tmp_path, damage):
+    for name in ("best.pt", "last.pt", "last.prev.pt"):
+        save_atomic({"step": 1}, tmp_path / name)
+    for name in ("last.pt", "last.prev.pt"):
+        if damage == "truncate":
+            (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:100])
+        else:
+            torch.save({"config": Payload(tmp_path / "pwned")}, tmp_path / name)
+    with pytest.raises(UserError) as error:
+        find_resume("auto", tmp_path, lambda message: None)
+    for fragment in ("best.pt, last.prev.pt, last.pt", "restore a good last.pt", "resume=none", "old-<time>/"):
+        assert fragment in str(error.value)
+    assert find_resume("none", tmp_path, lambda message: None) is None
+
+
+def test_set_aside_renames_and_never_deletes(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.pt").write_bytes(b"best")
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    aside = set_aside(tmp_path, ["checkpoints", "metrics.jsonl", "curves.png"])
+    assert (aside / "checkpoints" / "best.pt").read_bytes() == b"best" and (aside / "metrics.jsonl").is_file()
+    assert not (tmp_path / "checkpoints").exists() and set_aside(tmp_path, ["checkpoints"]) is None
+
+
+def test_a_second_lock_on_a_run_dir_names_the_holder_finding_2(tmp_path):
+    held = RunDirLock(tmp_path / "run")
+    with pytest.raises(UserError, match=rf"in use by another run \(pid {os.getpid()} on .*\): wait for it"):
+        RunDirLock(tmp_path / "run")
+    held.release()
+    RunDirLock(tmp_path / "run").release()  # free again once released (or once its process is gone)
+
+
+def test_metrics_agree_with_the_checkpoint_on_resume_finding_5(tmp_path):
+    tracker = Tracker(tmp_path, True, WandbRun("disabled", "p", tmp_path, {}, "n", []))
+    for epoch in (0, 1, 1, 2):  # a line written, then killed before its checkpoint: epoch 1 again, then 2
+        tracker.log_epoch({"epoch": epoch, "step": epoch})
+    tracker.keep_epochs(2, None)  # last.pt: two epochs done, mid-epoch save (no record of its own)
+    assert epochs_logged(tmp_path) == [0, 1]
+    tracker.keep_epochs(3, {"epoch": 2, "step": 9})  # killed after last.pt of epoch 2, before its line
+    assert epochs_logged(tmp_path) == [0, 1, 2]
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    save_atomic({"step": 1}, tmp_path / "last.pt", keep_previous=True)
+
+    def file_write_failed(*args, **kwargs):  # what torch.save raises when the disk fills mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", file_write_failed)
+    with pytest.raises(UserError, match=rf"no space left on '{tmp_path}' writing last.pt .*checkpoint.keep_last"):
+        save_atomic({"step": 2}, tmp_path / "last.pt", keep_previous=True)
+    assert torch.load(tmp_path / "last.pt", weights_only=True) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_a_full_disk_at_an_epoch_end_logs_no_line_for_it_finding_8(tmp_path, compose_train, monkeypatch):
+    cfg = compose_train("trainer.epochs=1", "schedule=step")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(2)]
+    checkpoint_dir = tmp_path / "checkpoints"
+    trainer = Trainer(TrainerConfig.from_config(cfg.trainer, cfg.checkpoint), model=model, optimizer=optimizer,
+                      scheduler=build_scheduler(cfg.schedule, optimizer, 1, len(batches)),
+                      criterion=nn.CrossEntropyLoss(), train_loader=Batches(batches), val_loader=batches,
+                      precision=Precision("none", torch.device("cpu")), dist=DistInfo(), device=torch.device("cpu"),
+                      tracker=Tracker(tmp_path, True, WandbRun("disabled", "p", tmp_path, {}, "n", [])),
+                      checkpoint_dir=checkpoint_dir, meta={})
+    monkeypatch.setattr(torch, "save", lambda *args, **kwargs: (_ for _ in ()).throw(
+        RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")))
+    watcher = PreemptionWatcher()
+    try:
+        with pytest.raises(UserError, match="no space left on"):
+            trainer.run_epoch(watcher)
+    finally:
+        watcher.close()
+    assert not (tmp_path / "metrics.jsonl").exists()
+    assert not any(checkpoint_dir.iterdir())
+
+
+class Batches(list):
+    """A list of batches with the engine's Loader contract (nothing to resume in it)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def test_an_empty_class_folder_is_an_error_naming_it_finding_9(subset):
+    root = subset(1, 1, classes=2)
+    for split in ("train", "val"):
+        (root / split / "zzz").mkdir()
+    with pytest.raises(UserError, match=rf"class folder '{root}/train/zzz' holds no images"):
+        check_dataset_root(str(root))
+
+
+def test_a_checkpoint_of_another_model_says_what_differs_finding_10():
+    stored = {"model": {"name": "resnet18"}, "attention": {"name": "se", "position": "end",
+                                                          "kwargs": {"reduction": 16, "kernel": "auto"}}}
+    same = {"model": {"name": "resnet18"}, "attention": {"name": "se", "position": "end",
+                                                        "kwargs": {"reduction": 16, "kernel": "torch"}}}
+    assert model_differences(stored, same, ["a", "b"], ["a", "b"]) == []  # the kernel is where it runs, not what
+    other = {"model": {"name": "resnet50"}, "attention": {"name": "scsa", "position": "mid", "kwargs": {}}}
+    differences = model_differences(stored, other, ["a", "b"], ["a", "b", "c"])
+    assert differences[:2] == ["model resnet18 vs resnet50", "attention se vs scsa"]
+    assert differences[-1] == "2 vs 3 classes"
