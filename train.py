@@ -3,15 +3,20 @@
 config (conf/) -> data (data/) -> model (scsa.models) -> engine (scsa/training)
 -> run dir (train.log, metrics.jsonl, W&B, checkpoints/).
 """
+import os
 import signal
 import sys
 
 
 def preempted_during_start_up(signum: int, frame: object) -> None:
-    """SIGTERM/SIGUSR1 before the trainer watches for them (imports, data, model): nothing to save yet."""
+    """SIGTERM/SIGUSR1 before the trainer watches for them (imports, data, model): nothing to save yet.
+
+    ``os._exit``: an exception raised here could land inside any import or library call, and be caught
+    there; the run-dir lock goes with the process, and nothing has been trained.
+    """
     print(f"preempted: signal {signum} during start-up, before any step; run the same command again to resume",
-          file=sys.stderr)
-    sys.exit(75)  # scsa.errors.EXIT_PREEMPTED (not imported yet: this handler must be in place first)
+          file=sys.stderr, flush=True)
+    os._exit(75)  # scsa.errors.EXIT_PREEMPTED (not imported yet: this handler must be in place first)
 
 
 for _signum in (signal.SIGTERM, signal.SIGUSR1):

@@ -321,3 +321,135 @@ def test_a_checkpoint_of_another_model_says_what_differs_finding_10():
     differences = model_differences(stored, other, ["a", "b"], ["a", "b", "c"])
     assert differences[:2] == ["model resnet18 vs resnet50", "attention se vs scsa"]
     assert differences[-1] == "2 vs 3 classes"
+
+
+# ---- issue 18: end to end, on one tiny run (2 classes x 8 images at batch 2: 8 steps an epoch) ----------------------
+TINY = ["model=resnet18", "attention=none", "data.image_size=32", "data.val_resize=32", "data.batch_size=2",
+        "data.workers=0", "data.loader=torch", "optim.lr=0.05", "trainer.deterministic=true", "trainer.epochs=2",
+        "wandb.mode=disabled"]
+
+
+def run(args: list, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(command(args), cwd=cwd, env=command_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def start(args: list, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(command(args), cwd=cwd, env=command_env(), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory) -> dict:
+    """One uninterrupted tiny run: what interrupted runs must end up equal to."""
+    base = tmp_path_factory.mktemp("tiny")
+    data = copy_sample(base / "data", 8, 1, classes=2)
+    args = ["train.py", *TINY, f"data.root={data}"]
+    result = run([*args, f"hydra.run.dir={base}/reference"], base)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"base": base, "data": data, "args": args, "dir": base / "reference"}
+
+
+def assert_same_weights(run_dir: Path, reference: Path) -> None:
+    expected, actual = final_weights(reference), final_weights(run_dir)
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == EXIT_USER_ERROR, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr and lines[-1].startswith("error: "), result.stderr[-3000:]
+    assert sum(line.startswith("error: ") for line in lines) == 1
+    return lines[-1]
+
+
+@pytest.mark.slow
+def test_kill_9_ten_times_in_one_run_loses_nothing_findings_5_and_6(tiny_run, tmp_path):
+    run_dir = tmp_path / "killed"
+    args = [*tiny_run["args"], "checkpoint.every_steps=1", f"hydra.run.dir={run_dir}"]
+    moments = random.Random(18)
+    step = 0
+    for _ in range(10):  # each after some progress, at a random moment: mid-step, mid-save, mid-line, validating
+        process = start(args, tmp_path)
+        wait_for_step(run_dir, step + 1, process)
+        time.sleep(moments.uniform(0, 0.6))
+        process.kill()
+        process.wait()
+        step = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["state"]["step"]
+        assert step < 16, "the run finished before the tenth kill"
+    result = run(args, tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert epochs_logged(run_dir) == [0, 1]
+    assert not list(run_dir.rglob("*.tmp"))
+    assert_same_weights(run_dir, tiny_run["dir"])
+
+
+@pytest.mark.slow
+def test_one_run_per_dir_and_the_same_command_resumes_findings_2_and_3(tiny_run, tmp_path):
+    args = [*tiny_run["args"], "checkpoint.every_steps=1"]  # no run dir pinned: outputs/<date>/<time>
+    first = start(args, tmp_path)
+    while not list(tmp_path.glob("outputs/*/*/checkpoints/last.pt")):
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        time.sleep(0.2)
+    run_dir = list(tmp_path.glob("outputs/*/*/checkpoints/last.pt"))[0].parent.parent
+    second = run([*tiny_run["args"], "seed=1", f"hydra.run.dir={run_dir}"], tmp_path)  # another run, same dir
+    line = one_error_line(second)
+    assert f"run dir '{run_dir}' is in use by another run (pid {first.pid} on " in line
+    assert "seed: 0" in (run_dir / ".hydra" / "config.yaml").read_text()
+
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    assert "run the same command again to resume" in stderr
+
+    again = run(args, tmp_path)  # the identical command, from the same folder
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [p.parent.parent for p in tmp_path.glob("outputs/*/*/checkpoints/last.pt")] == [run_dir]
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    assert epochs_logged(run_dir) == [0, 1]
+    assert_same_weights(run_dir, tiny_run["dir"])
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up_exits_75_with_one_line_finding_12(tiny_run, tmp_path):
+    for delay in (1.0, 3.0):  # during the imports; while Hydra, the data and the model start
+        process = start([*tiny_run["args"], f"hydra.run.dir={tmp_path}/run{delay}"], tmp_path)
+        time.sleep(delay)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == EXIT_PREEMPTED, stderr[-3000:]
+        assert stderr.strip().splitlines()[-1].startswith("preempted: signal 15") and "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_a_finished_run_whose_checkpoints_do_not_load_is_not_overwritten_finding_1(tiny_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run["dir"], run_dir)
+    (run_dir / ".lock").unlink()
+    checkpoints = run_dir / "checkpoints"
+    for name in ("last.pt", "last.prev.pt"):
+        (checkpoints / name).write_bytes((checkpoints / name).read_bytes()[:1000])
+    best, metrics = (checkpoints / "best.pt").read_bytes(), (run_dir / "metrics.jsonl").read_text()
+    args = [*tiny_run["args"], f"hydra.run.dir={run_dir}"]
+    line = one_error_line(run(args, tmp_path))
+    assert "neither last.pt nor last.prev.pt loads" in line and "resume=none" in line
+    assert (checkpoints / "best.pt").read_bytes() == best and (run_dir / "metrics.jsonl").read_text() == metrics
+
+    again = run([*args, "resume=none", "trainer.epochs=1"], tmp_path)  # start over: the old files are kept aside
+    assert again.returncode == 0, again.stderr[-3000:]
+    aside, = run_dir.glob("old-*")
+    assert (aside / "checkpoints" / "best.pt").read_bytes() == best and (aside / "metrics.jsonl").read_text() == metrics
+    assert epochs_logged(run_dir) == [0]
+
+
+@pytest.mark.slow
+def test_resuming_another_models_checkpoint_says_what_differs_finding_10(tiny_run, tmp_path):
+    last = tiny_run["dir"] / "checkpoints" / "last.pt"
+    args = [*tiny_run["args"], f"resume={last}", f"hydra.run.dir={tmp_path}/run", "trainer.epochs=3"]
+    assert "attention none vs se" in one_error_line(run([*args, "attention=se"], tmp_path))
+    three_classes = copy_sample(tmp_path / "data3", 1, 1, classes=3)
+    assert "2 vs 3 classes" in one_error_line(run([*args, f"data.root={three_classes}"], tmp_path))
+    tampered = torch.load(last, weights_only=True)
+    tampered["config"]["attention"] = {"name": "se", "position": "end", "kwargs": {"reduction": 16}}
+    torch.save(tampered, tmp_path / "tampered.pt")
+    line = one_error_line(run([*args, f"resume={tmp_path}/tampered.pt", "attention=se"], tmp_path))
+    assert "does not fit this run" in line
