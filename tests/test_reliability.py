@@ -424,7 +424,6 @@ def test_sigterm_during_start_up_exits_75_with_one_line_finding_12(tiny_run, tmp
 def test_a_finished_run_whose_checkpoints_do_not_load_is_not_overwritten_finding_1(tiny_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run["dir"], run_dir)
-    (run_dir / ".lock").unlink()
     checkpoints = run_dir / "checkpoints"
     for name in ("last.pt", "last.prev.pt"):
         (checkpoints / name).write_bytes((checkpoints / name).read_bytes()[:1000])

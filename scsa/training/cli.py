@@ -55,6 +55,8 @@ class RunGuard(Callback):
                 self.held = RunDirLock(run_dir)
         except UserError as e:
             fail(str(e))
+        except OmegaConfBaseException as e:  # a value that does not resolve (e.g. attention.name=nope)
+            fail(f"{str(e).strip().splitlines()[0]} (check the overrides against `python {self.command}.py --help`)")
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._claim(config, "hydra.run.dir")
