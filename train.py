@@ -147,7 +147,8 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
                           ema=recipe.build_model_ema(cfg.trainer, model))
         if resume_from:
             resume_trainer(trainer, *resume_from)
-            tracker.keep_epochs(trainer.state.epoch, resume_from[1].get("metrics") if trainer.state.batch == 0 else None)
+            at_epoch_end = trainer.state.batch == 0  # then the checkpoint holds its epoch's line
+            tracker.keep_epochs(trainer.state.epoch, resume_from[1].get("metrics") if at_epoch_end else None)
         trainer.wrap()
         tracker.info("model=%s attention=%s params=%d MACs=%.3gG device=%s world=%d loader=%s "
                      "global batch=%d lr=%.4g run dir=%s", cfg.model.name, cfg.attention.name, params, macs / 1e9,

@@ -16,7 +16,6 @@ import pytest
 import torch
 import torch.nn as nn
 
-from conftest import command, command_env, copy_sample
 from data.dali import dali_available
 from data.folder import check_dataset_root
 from scsa.training.checkpoint import (find_resume, keep_epoch_copy, load_checkpoint, model_differences, previous_path,
@@ -329,22 +328,13 @@ TINY = ["model=resnet18", "attention=none", "data.image_size=32", "data.val_resi
         "wandb.mode=disabled"]
 
 
-def run(args: list, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(command(args), cwd=cwd, env=command_env(), capture_output=True, text=True, timeout=timeout)
-
-
-def start(args: list, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen(command(args), cwd=cwd, env=command_env(), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
-
-
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> dict:
+def tiny_run(tmp_path_factory, make_sample, run_in) -> dict:
     """One uninterrupted tiny run: what interrupted runs must end up equal to."""
     base = tmp_path_factory.mktemp("tiny")
-    data = copy_sample(base / "data", 8, 1, classes=2)
+    data = make_sample(base / "data", 8, 1, classes=2)
     args = ["train.py", *TINY, f"data.root={data}"]
-    result = run([*args, f"hydra.run.dir={base}/reference"], base)
+    result = run_in([*args, f"hydra.run.dir={base}/reference"], base)
     assert result.returncode == 0, result.stderr[-3000:]
     return {"base": base, "data": data, "args": args, "dir": base / "reference"}
 
@@ -363,20 +353,20 @@ def one_error_line(result: subprocess.CompletedProcess) -> str:
 
 
 @pytest.mark.slow
-def test_kill_9_ten_times_in_one_run_loses_nothing_findings_5_and_6(tiny_run, tmp_path):
+def test_kill_9_ten_times_in_one_run_loses_nothing_findings_5_and_6(tiny_run, tmp_path, run_cli, start_cli):
     run_dir = tmp_path / "killed"
     args = [*tiny_run["args"], "checkpoint.every_steps=1", f"hydra.run.dir={run_dir}"]
     moments = random.Random(18)
     step = 0
     for _ in range(10):  # each after some progress, at a random moment: mid-step, mid-save, mid-line, validating
-        process = start(args, tmp_path)
+        process = start_cli(args)
         wait_for_step(run_dir, step + 1, process)
         time.sleep(moments.uniform(0, 0.6))
         process.kill()
         process.wait()
         step = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["state"]["step"]
         assert step < 16, "the run finished before the tenth kill"
-    result = run(args, tmp_path)
+    result = run_cli(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert epochs_logged(run_dir) == [0, 1]
     assert not list(run_dir.rglob("*.tmp"))
@@ -384,14 +374,14 @@ def test_kill_9_ten_times_in_one_run_loses_nothing_findings_5_and_6(tiny_run, tm
 
 
 @pytest.mark.slow
-def test_one_run_per_dir_and_the_same_command_resumes_findings_2_and_3(tiny_run, tmp_path):
+def test_one_run_per_dir_and_the_same_command_resumes_findings_2_and_3(tiny_run, tmp_path, run_cli, start_cli):
     args = [*tiny_run["args"], "checkpoint.every_steps=1"]  # no run dir pinned: outputs/<date>/<time>
-    first = start(args, tmp_path)
+    first = start_cli(args)
     while not list(tmp_path.glob("outputs/*/*/checkpoints/last.pt")):
         assert first.poll() is None, first.communicate()[1][-3000:]
         time.sleep(0.2)
     run_dir = list(tmp_path.glob("outputs/*/*/checkpoints/last.pt"))[0].parent.parent
-    second = run([*tiny_run["args"], "seed=1", f"hydra.run.dir={run_dir}"], tmp_path)  # another run, same dir
+    second = run_cli([*tiny_run["args"], "seed=1", f"hydra.run.dir={run_dir}"])  # another run, same dir
     line = one_error_line(second)
     assert f"run dir '{run_dir}' is in use by another run (pid {first.pid} on " in line
     assert "seed: 0" in (run_dir / ".hydra" / "config.yaml").read_text()
@@ -401,7 +391,7 @@ def test_one_run_per_dir_and_the_same_command_resumes_findings_2_and_3(tiny_run,
     assert first.returncode == EXIT_PREEMPTED, stderr[-3000:]
     assert "run the same command again to resume" in stderr
 
-    again = run(args, tmp_path)  # the identical command, from the same folder
+    again = run_cli(args)  # the identical command, from the same folder
     assert again.returncode == 0, again.stderr[-3000:]
     assert [p.parent.parent for p in tmp_path.glob("outputs/*/*/checkpoints/last.pt")] == [run_dir]
     assert "resumed from" in (run_dir / "train.log").read_text()
@@ -410,9 +400,9 @@ def test_one_run_per_dir_and_the_same_command_resumes_findings_2_and_3(tiny_run,
 
 
 @pytest.mark.slow
-def test_sigterm_during_start_up_exits_75_with_one_line_finding_12(tiny_run, tmp_path):
+def test_sigterm_during_start_up_exits_75_with_one_line_finding_12(tiny_run, tmp_path, start_cli):
     for delay in (1.0, 3.0):  # during the imports; while Hydra, the data and the model start
-        process = start([*tiny_run["args"], f"hydra.run.dir={tmp_path}/run{delay}"], tmp_path)
+        process = start_cli([*tiny_run["args"], f"hydra.run.dir={tmp_path}/run{delay}"])
         time.sleep(delay)
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=120)
@@ -421,7 +411,7 @@ def test_sigterm_during_start_up_exits_75_with_one_line_finding_12(tiny_run, tmp
 
 
 @pytest.mark.slow
-def test_a_finished_run_whose_checkpoints_do_not_load_is_not_overwritten_finding_1(tiny_run, tmp_path):
+def test_a_finished_run_whose_checkpoints_do_not_load_is_not_overwritten_finding_1(tiny_run, tmp_path, run_cli):
     run_dir = tmp_path / "run"
     shutil.copytree(tiny_run["dir"], run_dir)
     checkpoints = run_dir / "checkpoints"
@@ -429,11 +419,11 @@ def test_a_finished_run_whose_checkpoints_do_not_load_is_not_overwritten_finding
         (checkpoints / name).write_bytes((checkpoints / name).read_bytes()[:1000])
     best, metrics = (checkpoints / "best.pt").read_bytes(), (run_dir / "metrics.jsonl").read_text()
     args = [*tiny_run["args"], f"hydra.run.dir={run_dir}"]
-    line = one_error_line(run(args, tmp_path))
+    line = one_error_line(run_cli(args))
     assert "neither last.pt nor last.prev.pt loads" in line and "resume=none" in line
     assert (checkpoints / "best.pt").read_bytes() == best and (run_dir / "metrics.jsonl").read_text() == metrics
 
-    again = run([*args, "resume=none", "trainer.epochs=1"], tmp_path)  # start over: the old files are kept aside
+    again = run_cli([*args, "resume=none", "trainer.epochs=1"])  # start over: the old files are kept aside
     assert again.returncode == 0, again.stderr[-3000:]
     aside, = run_dir.glob("old-*")
     assert (aside / "checkpoints" / "best.pt").read_bytes() == best and (aside / "metrics.jsonl").read_text() == metrics
@@ -441,14 +431,14 @@ def test_a_finished_run_whose_checkpoints_do_not_load_is_not_overwritten_finding
 
 
 @pytest.mark.slow
-def test_resuming_another_models_checkpoint_says_what_differs_finding_10(tiny_run, tmp_path):
+def test_resuming_another_models_checkpoint_says_what_differs_finding_10(tiny_run, tmp_path, run_cli, subset):
     last = tiny_run["dir"] / "checkpoints" / "last.pt"
     args = [*tiny_run["args"], f"resume={last}", f"hydra.run.dir={tmp_path}/run", "trainer.epochs=3"]
-    assert "attention none vs se" in one_error_line(run([*args, "attention=se"], tmp_path))
-    three_classes = copy_sample(tmp_path / "data3", 1, 1, classes=3)
-    assert "2 vs 3 classes" in one_error_line(run([*args, f"data.root={three_classes}"], tmp_path))
+    assert "attention none vs se" in one_error_line(run_cli([*args, "attention=se"]))
+    three_classes = subset(1, 1, classes=3)
+    assert "2 vs 3 classes" in one_error_line(run_cli([*args, f"data.root={three_classes}"]))
     tampered = torch.load(last, weights_only=True)
     tampered["config"]["attention"] = {"name": "se", "position": "end", "kwargs": {"reduction": 16}}
     torch.save(tampered, tmp_path / "tampered.pt")
-    line = one_error_line(run([*args, f"resume={tmp_path}/tampered.pt", "attention=se"], tmp_path))
+    line = one_error_line(run_cli([*args, f"resume={tmp_path}/tampered.pt", "attention=se"]))
     assert "does not fit this run" in line
