@@ -134,4 +134,4 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    hydra_entry_point(main, config_name="evaluate", shorthands={"compare": "compare.dir", "cam": "cam.dir"})
+    hydra_entry_point(main, "evaluate", shorthands={"compare": "compare.dir", "cam": "cam.dir"})

@@ -38,8 +38,12 @@ def check_dataset_root(root: str, splits: Collection[str] = ("train", "val")) ->
         if not split_dir.is_dir():
             raise UserError(f"data.root '{root}' has no {split}/ folder: expected {root}/{split}/<class>/<image>")
         classes[split] = class_names(split_dir)
-        if not any(is_image(f) for d in classes[split] for f in (split_dir / d).iterdir()):
+        if not classes[split]:
             raise UserError(f"'{split_dir}' holds no images: expected {split}/<class>/<image>.jpg")
+        for name in classes[split]:  # as torchvision's ImageFolder: an empty class is an error, not a class
+            if not any(is_image(f) for f in (split_dir / name).iterdir()):
+                raise UserError(f"class folder '{split_dir / name}' holds no images: add its images or remove the "
+                                f"folder (from every split)")
     first, *others = splits
     for split in others:
         if classes[split] != classes[first]:

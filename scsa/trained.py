@@ -32,10 +32,16 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise UserError(f"checkpoint '{path}' holds objects that are not plain weights and was refused "
-                        f"({str(e).splitlines()[0][:120]}): only load checkpoints you trust") from None
+                        f"({first_line(e)}): only load checkpoints you trust") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
-        raise UserError(f"checkpoint '{path}' is truncated or corrupt ({str(e).splitlines()[0][:120]}): "
+        raise UserError(f"checkpoint '{path}' is empty, truncated or corrupt ({first_line(e)}): "
                         f"use another checkpoint, e.g. best.pt, or retrain") from None
+
+
+def first_line(e: BaseException) -> str:
+    """The start of an exception's message for a one-line error (its type where the message is empty)."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:120] if lines else type(e).__name__
 
 
 def load_trained(path: str, ema: bool = False, kernel: str = "auto") -> TrainedModel:
@@ -52,5 +58,10 @@ def load_trained(path: str, ema: bool = False, kernel: str = "auto") -> TrainedM
         raise UserError(f"'{path}' holds no EMA weights: train with trainer.model_ema=true, or drop ema=true")
     config = checkpoint["config"]
     model = create_model_from_config(config["model"], config["attention"], len(checkpoint["classes"]), kernel)
-    model.load_state_dict(checkpoint["model_ema" if ema else "model"])
+    try:
+        model.load_state_dict(checkpoint["model_ema" if ema else "model"])
+    except RuntimeError as e:
+        raise UserError(f"'{path}' holds weights that do not fit its own config (model={config['model']['name']} "
+                        f"attention={config['attention']['name']}: {first_line(e)}): the file was altered or "
+                        f"mixed up; use another checkpoint") from None
     return TrainedModel(model.eval(), config, list(checkpoint["classes"]), checkpoint)

@@ -134,6 +134,21 @@ def command_env(extra: Optional[dict] = None) -> dict:
             **(extra or {})}
 
 
+@pytest.fixture(scope="session")
+def make_sample() -> Callable[..., Path]:
+    """``make_sample(dest, train_per_class, val_per_class, classes=10)``: ``subset`` for fixtures wider than a test."""
+    return copy_sample
+
+
+@pytest.fixture(scope="session")
+def run_in() -> Callable[..., subprocess.CompletedProcess]:
+    """``run_in(args, cwd, timeout=600)``: ``run_cli`` in any folder, for fixtures wider than a test."""
+    def run(args: List[str], cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+        return subprocess.run(command(args), cwd=cwd, env=command_env(), capture_output=True, text=True,
+                              timeout=timeout)
+    return run
+
+
 @pytest.fixture
 def run_cli(tmp_path: Path) -> Callable[..., subprocess.CompletedProcess]:
     """``run_cli(args, cwd=tmp_path, env_extra=None, timeout=600)``: run a project command as a user does."""

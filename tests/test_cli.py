@@ -7,8 +7,12 @@ import sys
 
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
+from hydra.errors import HydraException
 
-from scsa.training.cli import check_overrides, run_task
+from scsa.training.cli import check_run_dir, hydra_error, run_task
+from scsa.training.config import CONFIG_DIR
+from scsa.training.schema import check_config
 from scsa.training.precision import Precision
 from scsa.errors import EXIT_USER_ERROR, UserError
 from scsa.models import create_model_from_config
@@ -41,21 +45,67 @@ def exits_with_one_line(capsys, call, *fragments) -> None:
 
 
 @pytest.mark.parametrize("override,fragment", [
-    ("trainer.no_such_key=1", "no_such_key"),
-    ("model=resnet7", "resnet7"),
+    ("trainer.no_such_key=1", "unknown key 'trainer.no_such_key'"),
+    ("trainer.lable_smoothing=0.1", "did you mean 'trainer.label_smoothing'?"),
+    ("model=resnet7", "use one of mobilenetv2, resnet101"),
     ("attention=squeeze", "squeeze"),
     ("trainer.epochs=[", "epochs"),
 ])
-def test_overrides_that_do_not_compose(capsys, tmp_path, override, fragment):
-    exits_with_one_line(capsys, lambda: check_overrides("train", [override, f"hydra.run.dir={tmp_path}/run"]),
-                        fragment)
+def test_overrides_that_do_not_compose(compose_train, override, fragment):
+    with pytest.raises(HydraException) as error:
+        compose_train(override)
+    line = hydra_error(error.value, "train")
+    assert fragment in line and "\n" not in line, line
 
 
-def test_a_run_dir_under_a_file_cannot_be_created(capsys, tmp_path):
+@pytest.mark.parametrize("override,fragment", [  # issue 18, findings 10 and 11: each value checked before anything
+    ("+trainer.lable_smoothing=0.1", "unknown key 'trainer.lable_smoothing'; did you mean 'trainer.label_smoothing'?"),
+    ("+foo=1", "unknown key 'foo'"),
+    ("trainer.epochs=abc", "trainer.epochs=abc: input should be a valid integer"),
+    ("trainer.epochs=0", "trainer.epochs=0: input should be greater than or equal to 1"),
+    ("data.batch_size=0", "data.batch_size=0: input should be greater than or equal to 1"),
+    ("data.batch_size=-1", "data.batch_size=-1"),
+    ("optim.lr=-0.1", "optim.lr=-0.1: input should be greater than 0"),
+    ("data.hflip=1.5", "data.hflip=1.5: input should be less than or equal to 1"),
+    ("trainer.amp=fp8", "trainer.amp=fp8"),
+    ("wandb.mode=cloud", "wandb.mode=cloud"),
+    ("model.name=resnet7", "unknown backbone"),
+    ("+attention.kwargs.head_numm=2", "did you mean 'attention.kwargs.head_num'?"),
+    ("+optim.nesterovv=true", "did you mean 'optim.nesterov'?"),
+    ("+schedule.cycle_limitt=2", "did you mean 'schedule.cycle_limit'?"),
+    ("optim.opt=sgdd", "optim.opt=sgdd"),
+])
+def test_every_train_value_is_checked(compose_train, override, fragment):
+    with pytest.raises(UserError) as error:
+        check_config(compose_train(override), "train")
+    assert fragment in str(error.value), str(error.value)
+
+
+@pytest.mark.parametrize("overrides", [[], ["attention=ca", "+experiment=paper_mobilenetv2", "data.root=/x"],
+                                       ["optim=adamw", "+optim.betas=[0.9,0.99]"], ["+schedule.cycle_limit=2"],
+                                       ["attention=cbam", "attention.kwargs.reduction=8"]])
+def test_valid_configs_pass_the_schema(compose_train, overrides):
+    check_config(compose_train(*overrides), "train")
+
+
+@pytest.mark.parametrize("override,fragment", [("images=abc", "images=abc"), ("images=0", "images=0"),
+                                               ("export=onnx", None), ("+export.opsett=3", "unknown key")])
+def test_every_evaluate_value_is_checked(override, fragment):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose(config_name="evaluate", overrides=["export=onnx", override] if "export." in override
+                      else [override])
+    if fragment is None:
+        check_config(cfg, "evaluate")
+        return
+    with pytest.raises(UserError, match=fragment):
+        check_config(cfg, "evaluate")
+
+
+def test_a_run_dir_under_a_file_cannot_be_created(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("a file where the run dir should go")  # unwritable whoever runs the test, root too
-    exits_with_one_line(capsys, lambda: check_overrides("train", [f"hydra.run.dir={blocker}/run"]),
-                        "cannot be created", "hydra.run.dir=<a writable folder>")
+    with pytest.raises(UserError, match=r"cannot be created.*hydra.run.dir=<a writable folder>"):
+        check_run_dir(blocker / "run")
 
 
 def test_user_errors_and_missing_values_in_a_task_end_in_one_line(capsys, compose_train):
@@ -94,6 +144,12 @@ def test_missing_and_truncated_checkpoints(tmp_path):
 def test_commands_exit_2_with_one_line(tmp_path, run_cli):
     assert_one_line_error(run_cli(["train.py", *FAST, f"data.root={tmp_path}/nowhere"]), "nowhere", "does not exist")
     assert_one_line_error(run_cli(["train.py", "trainer.no_such_key=1"]), "no_such_key")
+    assert_one_line_error(run_cli(["train.py", "+trainer.lable_smoothing=0.1"]), "trainer.label_smoothing")
+    assert_one_line_error(run_cli(["train.py", "trainer.epochs=abc"]), "trainer.epochs=abc")
+    assert_one_line_error(run_cli(["evaluate.py", f"cam={tmp_path}", "images=abc"]), "images=abc")
+    help_text = run_cli(["train.py", "--help"]).stdout
+    assert "attention: ca, cbam" in help_text and "export" not in help_text
+    assert "export: onnx, safetensors" in run_cli(["evaluate.py", "--help"]).stdout
     assert_one_line_error(run_cli(["train.py", *FAST, "trainer.accum_steps=0"]), "accum_steps")
     assert_one_line_error(run_cli(["train.py", *FAST, "data=imagenet"]), "data.root")
     blocker = tmp_path / "file"

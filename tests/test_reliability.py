@@ -1,16 +1,32 @@
-"""Nothing may lose a long run: resume, preemption, non-finite steps, safe and atomic checkpoints."""
+"""Nothing may lose a long run: resume, preemption, non-finite steps, safe and atomic checkpoints.
+
+The tests named ``..._finding_N`` hold issue 18's findings (README "Reliability").
+"""
 import errno
 import json
 import os
+import random
+import shutil
 import signal
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn as nn
 
 from data.dali import dali_available
-from scsa.training.checkpoint import keep_epoch_copy, load_checkpoint, previous_path, save_atomic
-from scsa.errors import EXIT_PREEMPTED, UserError
+from data.folder import check_dataset_root
+from scsa.training.checkpoint import (find_resume, keep_epoch_copy, load_checkpoint, model_differences, previous_path,
+                                      save_atomic)
+from scsa.training.distributed import DistInfo
+from scsa.training.precision import Precision
+from scsa.training.preemption import PreemptionWatcher
+from scsa.training.recipe import build_scheduler
+from scsa.training.rundir import RunDirLock, set_aside
+from scsa.training.trainer import Trainer, TrainerConfig
+from scsa.training.tracking import Tracker
+from scsa.training.wandb_run import WandbRun
+from scsa.errors import EXIT_PREEMPTED, EXIT_USER_ERROR, UserError
 from scsa.trained import load_trained
 from progress import wait_for_step
 
@@ -90,19 +106,26 @@ def test_diverging_run_stops_naming_the_step_and_never_saves_a_broken_model(tmp_
 
 
 @pytest.mark.slow
-def test_truncated_last_checkpoint_falls_back_to_the_previous(tmp_path, tiny_data, run_cli):
+def test_truncated_last_checkpoint_falls_back_to_the_previous_finding_5_and_6(tmp_path, tiny_data, run_cli):
     run_dir = tmp_path / "run"
     first = run_cli(train_args(tiny_data, run_dir, "trainer.epochs=2"))
     assert first.returncode == 0, first.stderr[-3000:]
     last = run_dir / "checkpoints" / "last.pt"
     last.write_bytes(last.read_bytes()[:1000])  # a crash mid-copy, a full disk...
+    stale = run_dir / "checkpoints" / ".last.pt.abc123.tmp"  # finding 6: what a kill -9 during a write leaves
+    stale.write_bytes(b"half a checkpoint")
     second = run_cli(train_args(tiny_data, run_dir, "trainer.epochs=3"))
     assert second.returncode == 0, second.stderr[-3000:]
     log = (run_dir / "train.log").read_text()
     assert "skipping checkpoint" in log and "truncated or corrupt" in log
     assert "resumed from" in (run_dir / "train.log").read_text()
+    assert not stale.exists()
     records = [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert records == [0, 1, 1, 2]  # epoch 1 is redone from last.prev.pt (the end of epoch 0)
+    assert records == [0, 1, 2]  # epoch 1 is redone from last.prev.pt (the end of epoch 0), its line once
+
+
+def epochs_logged(run_dir: Path) -> list:
+    return [json.loads(line)["epoch"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 class Payload:
@@ -134,7 +157,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypa
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", no_space)
-    with pytest.raises(UserError, match="No space left on device.*previous checkpoint is intact"):
+    with pytest.raises(UserError, match="no space left on .*previous checkpoint is intact"):
         save_atomic({"step": 2}, path, keep_previous=True)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]  # no temp file left behind
@@ -156,3 +179,249 @@ def test_keep_last_n_epoch_checkpoints(tmp_path):
     assert sorted(p.name for p in tmp_path.glob("epoch_*.pt")) == ["epoch_0003.pt", "epoch_0004.pt"]
     assert torch.load(tmp_path / "epoch_0003.pt", weights_only=True) == {"epoch": 3}  # a link keeps its bytes
     assert torch.load(last, weights_only=True) == {"epoch": 4}
+
+
+# ---- issue 18: unit tests --------------------------------------------------------------------------------------
+def test_empty_last_checkpoint_falls_back_to_the_previous_finding_7(tmp_path):
+    save_atomic({"step": 1}, tmp_path / "last.pt", keep_previous=True)
+    save_atomic({"step": 2}, tmp_path / "last.pt", keep_previous=True)
+    (tmp_path / "last.pt").write_bytes(b"")
+    warnings = []
+    path, checkpoint = find_resume("auto", tmp_path, warnings.append)
+    assert path.name == "last.prev.pt" and checkpoint == {"step": 1}
+    assert len(warnings) == 1 and "empty, truncated or corrupt" in warnings[0]
+    with pytest.raises(UserError, match="empty, truncated or corrupt"):
+        load_trained(str(tmp_path / "last.pt"))  # evaluate.py's path
+
+
+@pytest.mark.parametrize("damage", ["truncate", "unsafe"])
+def test_checkpoints_of_which_none_loads_stop_the_run_finding_1(tmp_path, damage):
+    for name in ("best.pt", "last.pt", "last.prev.pt"):
+        save_atomic({"step": 1}, tmp_path / name)
+    for name in ("last.pt", "last.prev.pt"):
+        if damage == "truncate":
+            (tmp_path / name).write_bytes((tmp_path / name).read_bytes()[:100])
+        else:
+            torch.save({"config": Payload(tmp_path / "pwned")}, tmp_path / name)
+    with pytest.raises(UserError) as error:
+        find_resume("auto", tmp_path, lambda message: None)
+    for fragment in ("best.pt, last.prev.pt, last.pt", "restore a good last.pt", "resume=none", "old-<time>/"):
+        assert fragment in str(error.value)
+    assert find_resume("none", tmp_path, lambda message: None) is None
+
+
+def test_set_aside_renames_and_never_deletes(tmp_path):
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "best.pt").write_bytes(b"best")
+    (tmp_path / "metrics.jsonl").write_text("{}\n")
+    aside = set_aside(tmp_path, ["checkpoints", "metrics.jsonl", "curves.png"])
+    assert (aside / "checkpoints" / "best.pt").read_bytes() == b"best" and (aside / "metrics.jsonl").is_file()
+    assert not (tmp_path / "checkpoints").exists() and set_aside(tmp_path, ["checkpoints"]) is None
+
+
+def test_a_second_lock_on_a_run_dir_names_the_holder_finding_2(tmp_path):
+    held = RunDirLock(tmp_path / "run")
+    with pytest.raises(UserError, match=rf"in use by another run \(pid {os.getpid()} on .*\): wait for it"):
+        RunDirLock(tmp_path / "run")
+    held.release()
+    RunDirLock(tmp_path / "run").release()  # free again once released (or once its process is gone)
+
+
+def test_metrics_agree_with_the_checkpoint_on_resume_finding_5(tmp_path):
+    tracker = Tracker(tmp_path, True, WandbRun("disabled", "p", tmp_path, {}, "n", []))
+    for epoch in (0, 1, 1, 2):  # a line written, then killed before its checkpoint: epoch 1 again, then 2
+        tracker.log_epoch({"epoch": epoch, "step": epoch})
+    tracker.keep_epochs(2, None)  # last.pt: two epochs done, mid-epoch save (no record of its own)
+    assert epochs_logged(tmp_path) == [0, 1]
+    tracker.keep_epochs(3, {"epoch": 2, "step": 9})  # killed after last.pt of epoch 2, before its line
+    assert epochs_logged(tmp_path) == [0, 1, 2]
+
+
+def test_a_full_disk_is_one_line_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+    save_atomic({"step": 1}, tmp_path / "last.pt", keep_previous=True)
+
+    def file_write_failed(*args, **kwargs):  # what torch.save raises when the disk fills mid-write
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                           "data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", file_write_failed)
+    with pytest.raises(UserError, match=rf"no space left on '{tmp_path}' writing last.pt .*checkpoint.keep_last"):
+        save_atomic({"step": 2}, tmp_path / "last.pt", keep_previous=True)
+    assert torch.load(tmp_path / "last.pt", weights_only=True) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_a_full_disk_at_an_epoch_end_logs_no_line_for_it_finding_8(tmp_path, compose_train, monkeypatch):
+    cfg = compose_train("trainer.epochs=1", "schedule=step")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    batches = [(torch.randn(4, 6), torch.randint(0, 3, (4,))) for _ in range(2)]
+    checkpoint_dir = tmp_path / "checkpoints"
+    trainer = Trainer(TrainerConfig.from_config(cfg.trainer, cfg.checkpoint), model=model, optimizer=optimizer,
+                      scheduler=build_scheduler(cfg.schedule, optimizer, 1, len(batches)),
+                      criterion=nn.CrossEntropyLoss(), train_loader=Batches(batches), val_loader=batches,
+                      precision=Precision("none", torch.device("cpu")), dist=DistInfo(), device=torch.device("cpu"),
+                      tracker=Tracker(tmp_path, True, WandbRun("disabled", "p", tmp_path, {}, "n", [])),
+                      checkpoint_dir=checkpoint_dir, meta={})
+    monkeypatch.setattr(torch, "save", lambda *args, **kwargs: (_ for _ in ()).throw(
+        RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")))
+    watcher = PreemptionWatcher()
+    try:
+        with pytest.raises(UserError, match="no space left on"):
+            trainer.run_epoch(watcher)
+    finally:
+        watcher.close()
+    assert not (tmp_path / "metrics.jsonl").exists()
+    assert not any(checkpoint_dir.iterdir())
+
+
+class Batches(list):
+    """A list of batches with the engine's Loader contract (nothing to resume in it)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+
+def test_an_empty_class_folder_is_an_error_naming_it_finding_9(subset):
+    root = subset(1, 1, classes=2)
+    for split in ("train", "val"):
+        (root / split / "zzz").mkdir()
+    with pytest.raises(UserError, match=rf"class folder '{root}/train/zzz' holds no images"):
+        check_dataset_root(str(root))
+
+
+def test_a_checkpoint_of_another_model_says_what_differs_finding_10():
+    stored = {"model": {"name": "resnet18"}, "attention": {"name": "se", "position": "end",
+                                                          "kwargs": {"reduction": 16, "kernel": "auto"}}}
+    same = {"model": {"name": "resnet18"}, "attention": {"name": "se", "position": "end",
+                                                        "kwargs": {"reduction": 16, "kernel": "torch"}}}
+    assert model_differences(stored, same, ["a", "b"], ["a", "b"]) == []  # the kernel is where it runs, not what
+    other = {"model": {"name": "resnet50"}, "attention": {"name": "scsa", "position": "mid", "kwargs": {}}}
+    differences = model_differences(stored, other, ["a", "b"], ["a", "b", "c"])
+    assert differences[:2] == ["model resnet18 vs resnet50", "attention se vs scsa"]
+    assert differences[-1] == "2 vs 3 classes"
+
+
+# ---- issue 18: end to end, on one tiny run (2 classes x 8 images at batch 2: 8 steps an epoch) ----------------------
+TINY = ["model=resnet18", "attention=none", "data.image_size=32", "data.val_resize=32", "data.batch_size=2",
+        "data.workers=0", "data.loader=torch", "optim.lr=0.05", "trainer.deterministic=true", "trainer.epochs=2",
+        "wandb.mode=disabled"]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, make_sample, run_in) -> dict:
+    """One uninterrupted tiny run: what interrupted runs must end up equal to."""
+    base = tmp_path_factory.mktemp("tiny")
+    data = make_sample(base / "data", 8, 1, classes=2)
+    args = ["train.py", *TINY, f"data.root={data}"]
+    result = run_in([*args, f"hydra.run.dir={base}/reference"], base)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return {"base": base, "data": data, "args": args, "dir": base / "reference"}
+
+
+def assert_same_weights(run_dir: Path, reference: Path) -> None:
+    expected, actual = final_weights(reference), final_weights(run_dir)
+    assert expected.keys() == actual.keys() and all(torch.equal(expected[k], actual[k]) for k in expected)
+
+
+def one_error_line(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == EXIT_USER_ERROR, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr and lines[-1].startswith("error: "), result.stderr[-3000:]
+    assert sum(line.startswith("error: ") for line in lines) == 1
+    return lines[-1]
+
+
+@pytest.mark.slow
+def test_kill_9_ten_times_in_one_run_loses_nothing_findings_5_and_6(tiny_run, tmp_path, run_cli, start_cli):
+    run_dir = tmp_path / "killed"
+    args = [*tiny_run["args"], "checkpoint.every_steps=1", f"hydra.run.dir={run_dir}"]
+    moments = random.Random(18)
+    step = 0
+    for _ in range(10):  # each after some progress, at a random moment: mid-step, mid-save, mid-line, validating
+        process = start_cli(args)
+        wait_for_step(run_dir, step + 1, process)
+        time.sleep(moments.uniform(0, 0.6))
+        process.kill()
+        process.wait()
+        step = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["state"]["step"]
+        assert step < 16, "the run finished before the tenth kill"
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert epochs_logged(run_dir) == [0, 1]
+    assert not list(run_dir.rglob("*.tmp"))
+    assert_same_weights(run_dir, tiny_run["dir"])
+
+
+@pytest.mark.slow
+def test_one_run_per_dir_and_the_same_command_resumes_findings_2_and_3(tiny_run, tmp_path, run_cli, start_cli):
+    args = [*tiny_run["args"], "checkpoint.every_steps=1"]  # no run dir pinned: outputs/<date>/<time>
+    first = start_cli(args)
+    while not list(tmp_path.glob("outputs/*/*/checkpoints/last.pt")):
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        time.sleep(0.2)
+    run_dir = list(tmp_path.glob("outputs/*/*/checkpoints/last.pt"))[0].parent.parent
+    second = run_cli([*tiny_run["args"], "seed=1", f"hydra.run.dir={run_dir}"])  # another run, same dir
+    line = one_error_line(second)
+    assert f"run dir '{run_dir}' is in use by another run (pid {first.pid} on " in line
+    assert "seed: 0" in (run_dir / ".hydra" / "config.yaml").read_text()
+
+    first.send_signal(signal.SIGTERM)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    assert "run the same command again to resume" in stderr
+
+    again = run_cli(args)  # the identical command, from the same folder
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [p.parent.parent for p in tmp_path.glob("outputs/*/*/checkpoints/last.pt")] == [run_dir]
+    assert "resumed from" in (run_dir / "train.log").read_text()
+    assert epochs_logged(run_dir) == [0, 1]
+    assert_same_weights(run_dir, tiny_run["dir"])
+
+
+@pytest.mark.slow
+def test_sigterm_during_start_up_exits_75_with_one_line_finding_12(tiny_run, tmp_path, start_cli):
+    for delay in (1.0, 3.0):  # during the imports; while Hydra, the data and the model start
+        process = start_cli([*tiny_run["args"], f"hydra.run.dir={tmp_path}/run{delay}"])
+        time.sleep(delay)
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=120)
+        assert process.returncode == EXIT_PREEMPTED, stderr[-3000:]
+        assert stderr.strip().splitlines()[-1].startswith("preempted: signal 15") and "Traceback" not in stderr
+
+
+@pytest.mark.slow
+def test_a_finished_run_whose_checkpoints_do_not_load_is_not_overwritten_finding_1(tiny_run, tmp_path, run_cli):
+    run_dir = tmp_path / "run"
+    shutil.copytree(tiny_run["dir"], run_dir)
+    checkpoints = run_dir / "checkpoints"
+    for name in ("last.pt", "last.prev.pt"):
+        (checkpoints / name).write_bytes((checkpoints / name).read_bytes()[:1000])
+    best, metrics = (checkpoints / "best.pt").read_bytes(), (run_dir / "metrics.jsonl").read_text()
+    args = [*tiny_run["args"], f"hydra.run.dir={run_dir}"]
+    line = one_error_line(run_cli(args))
+    assert "neither last.pt nor last.prev.pt loads" in line and "resume=none" in line
+    assert (checkpoints / "best.pt").read_bytes() == best and (run_dir / "metrics.jsonl").read_text() == metrics
+
+    again = run_cli([*args, "resume=none", "trainer.epochs=1"])  # start over: the old files are kept aside
+    assert again.returncode == 0, again.stderr[-3000:]
+    aside, = run_dir.glob("old-*")
+    assert (aside / "checkpoints" / "best.pt").read_bytes() == best and (aside / "metrics.jsonl").read_text() == metrics
+    assert epochs_logged(run_dir) == [0]
+
+
+@pytest.mark.slow
+def test_resuming_another_models_checkpoint_says_what_differs_finding_10(tiny_run, tmp_path, run_cli, subset):
+    last = tiny_run["dir"] / "checkpoints" / "last.pt"
+    args = [*tiny_run["args"], f"resume={last}", f"hydra.run.dir={tmp_path}/run", "trainer.epochs=3"]
+    assert "attention none vs se" in one_error_line(run_cli([*args, "attention=se"]))
+    three_classes = subset(1, 1, classes=3)
+    assert "2 vs 3 classes" in one_error_line(run_cli([*args, f"data.root={three_classes}"]))
+    tampered = torch.load(last, weights_only=True)
+    tampered["config"]["attention"] = {"name": "se", "position": "end", "kwargs": {"reduction": 16}}
+    torch.save(tampered, tmp_path / "tampered.pt")
+    line = one_error_line(run_cli([*args, f"resume={tmp_path}/tampered.pt", "attention=se"]))
+    assert "does not fit this run" in line

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes and safe (weights-only) loads."""
+"""Checkpoints: atomic writes, safe (weights-only) loads, and which one a run resumes."""
+import errno
 import os
 import shutil
 import tempfile
@@ -31,10 +32,17 @@ def save_atomic(state: Dict[str, Any], path: Path, keep_previous: bool = False) 
         if keep_previous and path.exists():
             os.replace(path, previous_path(path))
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write (a full disk) as a RuntimeError
         Path(tmp).unlink(missing_ok=True)
-        raise UserError(f"could not write checkpoint '{path}' ({e.strerror or e}): free space or fix permissions "
-                        f"there; the previous checkpoint is intact") from None
+        if isinstance(e, RuntimeError) and "write" not in str(e):
+            raise
+        if isinstance(e, RuntimeError) or e.errno in (errno.ENOSPC, errno.EDQUOT):
+            free = shutil.disk_usage(path.parent).free / 2 ** 20
+            raise UserError(f"no space left on '{path.parent}' writing {path.name} ({free:.0f} MiB free): free space "
+                            f"there, or keep fewer checkpoints (checkpoint.keep_last); the previous checkpoint is "
+                            f"intact") from None
+        raise UserError(f"could not write checkpoint '{path}' ({e.strerror or e}): fix the permissions there; "
+                        f"the previous checkpoint is intact") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -57,7 +65,7 @@ def keep_epoch_copy(last: Path, epoch: int, keep: int) -> None:
 
 
 def load_latest(candidates: List[Path], warn: Callable[[str], None]) -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """The first of ``candidates`` that exists and loads; a corrupt one is reported and skipped."""
+    """The first of ``candidates`` that exists and loads; one that does not load is reported and skipped."""
     for path in candidates:
         if path.is_file():
             try:
@@ -69,11 +77,36 @@ def load_latest(candidates: List[Path], warn: Callable[[str], None]) -> Optional
 
 def find_resume(resume: str, checkpoint_dir: Path, warn: Callable[[str], None]
                 ) -> Optional[Tuple[Path, Dict[str, Any]]]:
-    """What ``resume`` names: ``auto``, this run dir's newest loadable checkpoint (or None: a fresh
-    start); ``none``, None; else the checkpoint at that path."""
+    """What ``resume`` names: ``auto``, this run dir's newest loadable checkpoint (or None where it holds none:
+    a fresh start); ``none``, None; else the checkpoint at that path.
+
+    ``auto`` never starts over where there is progress: checkpoints of which none loads are an error.
+    """
     if resume == "none":
         return None
-    if resume == "auto":
-        last = checkpoint_dir / "last.pt"
-        return load_latest([last, previous_path(last)], warn)
-    return Path(resume), load_checkpoint(resume)
+    if resume != "auto":
+        return Path(resume), load_checkpoint(resume)
+    last = checkpoint_dir / "last.pt"
+    found = load_latest([last, previous_path(last)], warn)
+    present = sorted(p.name for p in checkpoint_dir.glob("*.pt"))
+    if found is None and present:
+        raise UserError(f"'{checkpoint_dir}' holds {', '.join(present)} but neither last.pt nor last.prev.pt loads "
+                        f"(see the warnings above): restore a good last.pt there to resume, or pass resume=none to "
+                        f"start over (the old files are kept, moved into an old-<time>/ folder)")
+    return found
+
+
+def model_differences(stored: Dict[str, Any], config: Dict[str, Any], stored_classes: List[str],
+                      classes: List[str]) -> List[str]:
+    """How a checkpoint's model (its run config and classes) differs from this run's: backbone, attention, classes."""
+    def architecture(cfg: Dict[str, Any]) -> Dict[str, Any]:
+        attention = cfg["attention"]
+        kwargs = {k: v for k, v in attention.get("kwargs", {}).items() if k != "kernel"}  # where it runs, not what
+        return {"model": cfg["model"]["name"], "attention": attention["name"],
+                "attention.position": attention.get("position"), "attention.kwargs": kwargs}
+    old, new = architecture(stored), architecture(config)
+    differences = [f"{key} {old[key]} vs {new[key]}" for key in old if old[key] != new[key]]
+    if stored_classes != classes:
+        differences.append(f"{len(stored_classes)} vs {len(classes)} classes" if len(stored_classes) != len(classes)
+                           else "the class names or their order")
+    return differences

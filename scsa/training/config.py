@@ -3,9 +3,12 @@ import os
 from datetime import datetime
 from pathlib import Path
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
+
+from scsa.training.rundir import command_key, resumable_run_dir
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+CONFIG_DIR = REPO_ROOT / "conf"
 
 
 def run_subdir() -> str:
@@ -21,6 +24,18 @@ def run_subdir() -> str:
     return datetime.now().strftime("%Y-%m-%d/%H-%M-%S")
 
 
+def resumable_run(base: str, *, _root_: DictConfig) -> str:
+    """``train.py``'s default run dir: the one this exact command's last, unfinished run used (so that
+    running the same command again resumes it), else a new ``base/run_subdir()``."""
+    key = command_key(_root_.hydra.job.config_name, list(_root_.hydra.overrides.task))
+    return resumable_run_dir(base, key, run_subdir())
+
+
+def config_groups(*groups: str) -> str:
+    """The help text's group lines (``group: option, ...``) for the groups a command takes."""
+    return "\n".join(f"{g}: {', '.join(sorted(p.stem for p in (CONFIG_DIR / g).glob('*.yaml')))}" for g in groups)
+
+
 def attention_position(name: str) -> str:
     """The attention module's default place in a block, from its registry entry (``scsa.attention``)."""
     from scsa.attention import default_position  # torch-heavy: only when a config asks
@@ -30,3 +45,5 @@ def attention_position(name: str) -> str:
 OmegaConf.register_new_resolver("attention_position", attention_position, replace=True)
 OmegaConf.register_new_resolver("repo_root", lambda: str(REPO_ROOT), replace=True)
 OmegaConf.register_new_resolver("run_subdir", run_subdir, use_cache=True, replace=True)
+OmegaConf.register_new_resolver("resumable_run", resumable_run, replace=True)
+OmegaConf.register_new_resolver("config_groups", config_groups, replace=True)

@@ -61,6 +61,20 @@ class Tracker:
                  sum(d["decide_ms"] for d in decisions) / 1000, format_decisions(decisions))
         self.wandb.summary({f"kernel/{d['module']}/{'x'.join(map(str, d['shape']))}": d["chosen"] for d in decisions})
 
+    def keep_epochs(self, epochs: int, record: Optional[Dict[str, Any]]) -> None:
+        """On resume, make metrics.jsonl agree with the checkpoint: one line for each of its ``epochs`` completed
+        epochs, no more (a kill may have come between a line and the next checkpoint). ``record``: the
+        checkpoint's own epoch line, if it was written at an epoch's end (its line may not be on disk yet)."""
+        if not self.enabled:
+            return
+        lines = self.metrics_path.read_text().splitlines() if self.metrics_path.is_file() else []
+        by_epoch = {r["epoch"]: r for r in map(json.loads, filter(None, lines)) if r["epoch"] < epochs}
+        if record:
+            by_epoch[record["epoch"]] = record
+        tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
+        tmp.write_text("".join(json.dumps(by_epoch[e]) + "\n" for e in sorted(by_epoch)))
+        tmp.replace(self.metrics_path)
+
     def finish(self, summary: Dict[str, Any], exit_code: int) -> None:
         """Close the W&B run and draw curves.png from metrics.jsonl."""
         self.wandb.summary(summary)

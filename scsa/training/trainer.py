@@ -200,7 +200,7 @@ class Trainer:
         last: Dict[str, Any] = {}
         watcher = PreemptionWatcher()
         try:
-            while self.state.epoch < self.cfg.epochs and not (self._out_of_steps() and self.state.batch == 0):
+            while not self.finished:
                 last = self.run_epoch(watcher)
                 if self._out_of_steps():
                     break
@@ -227,14 +227,22 @@ class Trainer:
         if self.ema:
             val_ema = evaluate(self.ema.module, self.val_loader, self.precision, self.device)
             record.update(val_loss_ema=val_ema["loss"], val_top1_ema=val_ema["top1"], val_top5_ema=val_ema["top5"])
-        self.tracker.log_epoch(record)
         is_best = val["top1"] > self.state.best_top1
         self.state.best_top1 = max(self.state.best_top1, val["top1"])
-        if self.save("last.pt", record) and self.cfg.keep_last and self.dist.is_main:
-            keep_epoch_copy(self.checkpoint_dir / "last.pt", epoch, self.cfg.keep_last)
+        # best.pt, last.pt, then the epoch's line: a kill between any two redoes the epoch (best.pt included) from
+        # the previous last.pt, or finds last.pt's own record to restore the line on resume (Tracker.keep_epochs);
+        # a line never names an epoch that no checkpoint holds.
         if is_best:
             self.save("best.pt", record)
+        if self.save("last.pt", record) and self.cfg.keep_last and self.dist.is_main:
+            keep_epoch_copy(self.checkpoint_dir / "last.pt", epoch, self.cfg.keep_last)
+        self.tracker.log_epoch(record)
         return record
+
+    @property
+    def finished(self) -> bool:
+        """All epochs done, or the step budget spent at an epoch boundary: nothing left to train."""
+        return self.state.epoch >= self.cfg.epochs or (self._out_of_steps() and self.state.batch == 0)
 
     def _out_of_steps(self) -> bool:
         return self.cfg.max_steps is not None and self.state.step >= self.cfg.max_steps
