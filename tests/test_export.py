@@ -13,7 +13,6 @@ import torch.nn as nn
 
 import scsa
 from options import modules
-from scsa.attention import list_attentions
 from scsa.errors import UserError
 from scsa.export import (VerificationError, default_export_dir, export_checkpoint, export_onnx, export_safetensors,
                          verify_onnx, verify_safetensors)

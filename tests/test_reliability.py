@@ -8,6 +8,8 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
