@@ -263,7 +263,7 @@ def test_fast_scsa_channels_last(shape, kwargs):
     assert_same(fast, ref, x, torch.randn(shape).to(memory_format=torch.channels_last))
 
 
-@pytest.mark.parametrize("shape,kwargs", [CASES[1], CASES[3], CASES[4], CASES[5], CASES[6]])
+@pytest.mark.parametrize("shape,kwargs", [CASES[1], *(pytest.param(*c, marks=pytest.mark.slow) for c in CASES[3:7])])
 def test_compiled_scsa_is_one_graph_and_equals_reference(shape, kwargs):
     torch.manual_seed(3)
     torch._dynamo.reset()

@@ -144,7 +144,7 @@ def test_val_counts_every_image_once(eleven, world_size, batch_size, n_images):
     assert sorted(seen) == list(range(n_images))
 
 
-@pytest.mark.parametrize("consumed,randaugment_n", [(0, 0), (2, 0), (2, 2)])
+@pytest.mark.parametrize("consumed,randaugment_n", [(0, 0), (2, 0), pytest.param(2, 2, marks=pytest.mark.slow)])
 def test_state_dict_resumes_with_the_next_batch(eleven, consumed, randaugment_n):
     train, _ = loaders(eleven, batch_size=2, randaugment_n=randaugment_n)
     list(train)  # finish epoch 0 so the resume happens in a reshuffled epoch

@@ -23,6 +23,7 @@ def test_config_options_are_the_registries():
     assert "custom" in config_options("attention")
 
 
+@pytest.mark.slow  # 56 combinations x 3 builds: ~25 s, beyond the unit tier's minute
 @pytest.mark.parametrize("attention", attention_options())
 def test_every_config_combination_builds_what_the_api_and_timm_build(compose_train, attention):
     for backbone in config_options("model"):
