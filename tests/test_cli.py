@@ -176,7 +176,8 @@ def test_corrupt_image_is_named_with_the_fix_and_the_fix_works(tmp_path, subset,
 
     result = run_cli([*args, "data.loader=torch", f"hydra.run.dir={tmp_path}/torch"])  # skips it, says which
     assert result.returncode == 0, result.stderr[-2000:]
-    assert f"skipping unreadable image {bad}" in result.stderr + (tmp_path / "torch" / "train.log").read_text()
+    # named as bad_files.txt lists it (relative to data.root)
+    assert f"skipping unreadable image train/bag/{bad.name}" in result.stderr + (tmp_path / "torch" / "train.log").read_text()
 
     assert run_cli([sys.executable, "-m", "data.scan", str(root), "--workers=1"]).returncode == 0
     assert (root / "bad_files.txt").read_text().split() == [f"train/bag/{bad.name}"]
