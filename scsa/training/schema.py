@@ -12,7 +12,7 @@ import difflib
 import inspect
 from typing import Annotated, Any, Callable, Dict, Iterable, List, Literal, Optional, Tuple, Type
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from timm.optim import create_optimizer_v2, get_optimizer_info
 from timm.scheduler import create_scheduler_v2
@@ -64,6 +64,8 @@ class Attention(Group):
         """The class the attention kwargs go to: the user's (``cls``) or the registered one's."""
         if self.cls is None:
             return attention_spec(self.name).cls
+        if self.cls == MISSING:
+            raise UserError("attention=custom needs attention.cls=<package.module.Class> (its package on PYTHONPATH)")
         try:
             return import_class(self.cls)
         except ValueError as e:
