@@ -172,10 +172,15 @@ def test_onnx_matches_pytorch_for_every_attention(tmp_path, attention):
         np.testing.assert_allclose(run_onnx(exported.path, images), want, rtol=0, atol=1e-4)
 
 
+# SCSA, EMA and CA take minutes to export on the deep backbones; their graphs do not depend on the backbone, and
+# test_onnx_matches_pytorch_for_every_attention exports each of them at two sizes.
+CHEAP_TO_EXPORT = [m for m in modules() if m not in ("scsa", "ema", "ca")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("backbone,attention", list(zip(list_backbones(), itertools.cycle(modules()))))
+@pytest.mark.parametrize("backbone,attention", list(zip(list_backbones(), itertools.cycle(CHEAP_TO_EXPORT))))
 def test_onnx_matches_pytorch_for_every_backbone(tmp_path, backbone, attention):
-    """Each backbone with one attention module (each module on one backbone), at 32 px."""
+    """Each backbone with one attention module, at 32 px."""
     trained = make_trained(backbone, attention, classes=10, image_size=32)
     assert export_onnx(trained, tmp_path).max_abs_diff <= 1e-4
 

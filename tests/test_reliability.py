@@ -307,7 +307,7 @@ def test_a_checkpoint_of_another_model_says_what_differs_finding_10():
     assert differences[-1] == "2 vs 3 classes"
 
 
-# ---- issue 18: end to end, on one tiny run (2 classes x 8 images at batch 2: 8 steps an epoch) ----------------------
+# ---- issue 18: end to end, on one tiny run (2 classes x 16 images at batch 2: 16 steps an epoch) ---------------------
 TINY = ["model=resnet18", "attention=none", "data.image_size=32", "data.val_resize=32", "data.batch_size=2",
         "data.workers=0", "data.loader=torch", "optim.lr=0.05", "trainer.deterministic=true", "trainer.epochs=2",
         "wandb.mode=disabled"]
@@ -317,7 +317,7 @@ TINY = ["model=resnet18", "attention=none", "data.image_size=32", "data.val_resi
 def tiny_run(tmp_path_factory, make_sample, run_in) -> dict:
     """One uninterrupted tiny run: what interrupted runs must end up equal to."""
     base = tmp_path_factory.mktemp("tiny")
-    data = make_sample(base / "data", 8, 1, classes=2)
+    data = make_sample(base / "data", 16, 1, classes=2)
     args = ["train.py", *TINY, f"data.root={data}"]
     result = run_in([*args, f"hydra.run.dir={base}/reference"], base)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -342,6 +342,7 @@ def test_kill_9_ten_times_in_one_run_loses_nothing_findings_5_and_6(tiny_run, tm
     run_dir = tmp_path / "killed"
     args = [*tiny_run["args"], "checkpoint.every_steps=1", f"hydra.run.dir={run_dir}"]
     moments = random.Random(18)
+    total = torch.load(tiny_run["dir"] / "checkpoints" / "last.pt", weights_only=True)["state"]["step"]
     step = 0
     for _ in range(10):  # each after some progress, at a random moment: mid-step, mid-save, mid-line, validating
         process = start_cli(args)
@@ -350,7 +351,7 @@ def test_kill_9_ten_times_in_one_run_loses_nothing_findings_5_and_6(tiny_run, tm
         process.kill()
         process.wait()
         step = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["state"]["step"]
-        assert step < 16, "the run finished before the tenth kill"
+        assert step < total, "the run finished before the tenth kill"
     result = run_cli(args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert epochs_logged(run_dir) == [0, 1]
@@ -366,12 +367,14 @@ def test_one_run_per_dir_and_the_same_command_resumes_findings_2_and_3(tiny_run,
         assert first.poll() is None, first.communicate()[1][-3000:]
         time.sleep(0.2)
     run_dir = list(tmp_path.glob("outputs/*/*/checkpoints/last.pt"))[0].parent.parent
+    first.send_signal(signal.SIGSTOP)  # paused, lock held: the tiny run must not finish while the second one tries
     second = run_cli([*tiny_run["args"], "seed=1", f"hydra.run.dir={run_dir}"])  # another run, same dir
     line = one_error_line(second)
     assert f"run dir '{run_dir}' is in use by another run (pid {first.pid} on " in line
     assert "seed: 0" in (run_dir / ".hydra" / "config.yaml").read_text()
 
-    first.send_signal(signal.SIGTERM)
+    first.send_signal(signal.SIGTERM)  # delivered as it continues
+    first.send_signal(signal.SIGCONT)
     _, stderr = first.communicate(timeout=300)
     assert first.returncode == EXIT_PREEMPTED, stderr[-3000:]
     assert "run the same command again to resume" in stderr
