@@ -5,32 +5,23 @@ import signal
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from progress import wait_for_step
 
-from data import build_loaders, open_sources
+from data import open_sources
 from data.dali import dali_available
 from data.order import epoch_order
 from scsa.errors import UserError
 from scsa.training.trainer import elastic_accum_steps
+from loading import BACKENDS, build, data_cfg
 
-CPU = torch.device("cpu")
-BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="needs DALI"))]
 BATCH = 3
 ACCUM = {1: 4, 2: 2}  # world size -> accumulation steps: a global batch of 12 either way
 STEPS = 5             # 60 train images / 12
 
 
-def data_cfg(repo, root, loader):
-    cfg = OmegaConf.load(repo / "conf" / "data" / "imagenet.yaml")
-    cfg.update({"root": str(root), "loader": loader, "workers": 0, "batch_size": BATCH, "image_size": 16,
-                "val_resize": 16})
-    return cfg
-
-
 def train_loaders(cfg, world_size):
-    return [build_loaders(cfg, rank=rank, world_size=world_size, device=CPU, seed=0, channels_last=False,
-                          accum_steps=ACCUM[world_size]).train for rank in range(world_size)]
+    return [build(cfg, rank, world_size, accum_steps=ACCUM[world_size], channels_last=False).train
+            for rank in range(world_size)]
 
 
 def consume(ranks, steps=None):
@@ -67,7 +58,7 @@ def epoch_loaders(cfg, world_size, epoch=1):
 @pytest.mark.parametrize("before,after", [(2, 1), (1, 2)])
 def test_an_epoch_interrupted_on_one_world_size_continues_on_another(repo, dataset, loader, before, after):
     root = dataset(6, 1, classes=10)  # 60 train images
-    cfg = data_cfg(repo, root, loader)
+    cfg = data_cfg(repo, root, loader=loader, batch_size=BATCH)
     straight, steps = consume(epoch_loaders(cfg, before))
     assert steps == STEPS and sorted(straight) == train_ids(root)  # every image once
 
@@ -88,7 +79,7 @@ def test_an_epoch_interrupted_on_one_world_size_continues_on_another(repo, datas
 @pytest.mark.skipif(not dali_available(), reason="needs DALI")
 def test_len_means_the_same_in_both_backends_at_every_point_of_an_epoch(repo, subset):
     root = subset(6, 1, classes=10)
-    ranks = {loader: train_loaders(data_cfg(repo, root, loader), 2)[0] for loader in ("torch", "dali")}
+    ranks = {loader: train_loaders(data_cfg(repo, root, loader=loader, batch_size=BATCH), 2)[0] for loader in ("torch", "dali")}
     for epoch in range(2):
         batches = {name: iter(loader) for name, loader in ranks.items()}
         lengths = []
@@ -107,7 +98,7 @@ def test_len_means_the_same_in_both_backends_at_every_point_of_an_epoch(repo, su
 @pytest.mark.parametrize("loader", BACKENDS)
 def test_files_listed_as_bad_after_a_checkpoint_are_left_out_and_the_epoch_continues(repo, subset, loader):
     root = subset(6, 1, classes=10)
-    cfg = data_cfg(repo, root, loader)
+    cfg = data_cfg(repo, root, loader=loader, batch_size=BATCH)
     straight, _ = consume(train_loaders(cfg, 1))
     interrupted = train_loaders(cfg, 1)
     first, done = consume(interrupted, steps=2)

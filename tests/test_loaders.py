@@ -4,26 +4,11 @@ import shutil
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from data import build_loaders
 from data.dali import dali_available
 from scsa.training.rng import get_rng_state, set_rng_state
 from scsa.errors import UserError
-
-CPU = torch.device("cpu")
-BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="needs DALI"))]
-
-
-def data_cfg(repo, root, **overrides):
-    cfg = OmegaConf.load(repo / "conf" / "data" / "imagenet.yaml")
-    cfg.update({"root": str(root), "workers": 0, "batch_size": 8, "image_size": 16, "val_resize": 16, **overrides})
-    return cfg
-
-
-def build(cfg, rank=0, world_size=1, train=True):
-    return build_loaders(cfg, rank=rank, world_size=world_size, device=CPU, seed=0, channels_last=True, train=train)
-
+from loading import BACKENDS, build, data_cfg
 
 @pytest.mark.parametrize("world_size,batch_size", [(1, 8), (2, 8), (3, 5)])
 def test_both_backends_take_the_same_steps_per_epoch(repo, subset, world_size, batch_size):

@@ -9,27 +9,10 @@ import numpy as np
 import pytest
 import torch
 from formats import as_shards
-from omegaconf import OmegaConf
 
-from data import build_loaders
-from data.dali import dali_available
 from data.scan import main as scan_main
 from scsa.errors import UserError
-
-CPU = torch.device("cpu")
-BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="needs DALI"))]
-
-
-def data_cfg(repo, root, **overrides):
-    cfg = OmegaConf.load(repo / "conf" / "data" / "imagenet.yaml")
-    cfg.update({"root": str(root), "workers": 0, "batch_size": 8, "image_size": 16, "val_resize": 16, **overrides})
-    return cfg
-
-
-def build(cfg, rank=0, world_size=1, train=True, accum_steps=1):
-    return build_loaders(cfg, rank=rank, world_size=world_size, device=CPU, seed=0, channels_last=True, train=train,
-                         accum_steps=accum_steps)
-
+from loading import BACKENDS, build, data_cfg
 
 @pytest.mark.parametrize("loader", BACKENDS)
 @pytest.mark.parametrize("world_size,batch_size", [(3, 5)])
