@@ -80,10 +80,15 @@ def order_keys(ids: np.ndarray, seed: int, epoch: int, groups: Optional[np.ndarr
     return (windows << np.uint64(KEY_BITS)) | (keys >> np.uint64(64 - KEY_BITS))
 
 
+def visiting_order(ids: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """The sample indices sorted by ``keys`` (``order_keys``), ties broken by the id."""
+    return np.lexsort((ids, keys))
+
+
 def epoch_order(ids: np.ndarray, seed: int, epoch: int, groups: Optional[np.ndarray] = None,
                 window: int = 1) -> np.ndarray:
     """The sample indices of epoch ``epoch`` in visiting order."""
-    return np.lexsort((ids, order_keys(ids, seed, epoch, groups, window)))
+    return visiting_order(ids, order_keys(ids, seed, epoch, groups, window))
 
 
 def position(ids: np.ndarray, keys: np.ndarray, order: np.ndarray, last_key: int, last_id: int) -> int:

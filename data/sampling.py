@@ -11,7 +11,7 @@ from typing import Dict, Optional, Tuple
 
 import numpy as np
 
-from data.order import Source, epoch_order, order_keys, position, sample_id
+from data.order import Source, order_keys, position, sample_id, visiting_order
 from scsa.errors import UserError
 
 SHARD_WINDOW = 4  # shards read at a time by all ranks together (sources with groups only)
@@ -35,7 +35,7 @@ class TrainOrder:
         """(order, keys) of ``epoch``, computed once per epoch."""
         if self._cached[0] != epoch:
             keys = order_keys(self.ids, self.seed, epoch, self.groups, SHARD_WINDOW)
-            self._cached = (epoch, epoch_order(self.ids, self.seed, epoch, self.groups, SHARD_WINDOW), keys)
+            self._cached = (epoch, visiting_order(self.ids, keys), keys)
         return self._cached[1], self._cached[2]
 
     @property
