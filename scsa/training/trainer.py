@@ -267,7 +267,7 @@ class Trainer:
                 self.state.batch += 1
                 is_update = self.state.batch % self.cfg.accum_steps == 0
                 images, targets = self.mixup(images, labels) if self.mixup else (images, labels)
-                loss = self._forward_backward(images, targets, sync=is_update, group=self.cfg.accum_steps)
+                loss = self._forward_backward(images, targets, sync=is_update)
                 if not self.kernels_logged:
                     self.kernels_logged = True
                     self.tracker.log_kernels(kernel_decisions())
@@ -309,8 +309,8 @@ class Trainer:
         self.tracker.log_step({"loss": loss.item(), "lr": self._lr(), "img_per_s": rate, "data_fraction": data},
                               self.state.step)
 
-    def _forward_backward(self, images: torch.Tensor, targets: torch.Tensor, sync: bool, group: int) -> torch.Tensor:
-        """Forward and backward of one micro-batch of an update over ``group`` micro-batches;
+    def _forward_backward(self, images: torch.Tensor, targets: torch.Tensor, sync: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch of an update over ``accum_steps`` micro-batches;
         DDP all-reduces gradients only on the update's last one (``sync``)."""
         no_sync = getattr(self.train_model, "no_sync", None)
         context = no_sync() if (no_sync is not None and not sync) else contextlib.nullcontext()
@@ -320,7 +320,7 @@ class Trainer:
                     decide_kernels(self.model, images)
                 logits = self.train_model(images)
             loss = self.criterion(logits.float(), targets)
-            self.precision.scaler.scale(loss / group).backward()
+            self.precision.scaler.scale(loss / self.cfg.accum_steps).backward()
         return loss.detach()
 
     def _clip_gradients(self) -> torch.Tensor:
