@@ -112,7 +112,7 @@ class ShardSource:
         """Rows of the samples named (as ``name()`` names them) in ``bad_files.txt``."""
         rows = []
         for entry in listed:
-            shard, _, member = entry.partition(":")
+            shard = entry.partition(":")[0]
             if shard in self.shards:
                 candidates = np.flatnonzero(self.groups == self.shards.index(shard))
                 rows += [int(i) for i in candidates if self.name(int(i)) == entry]

@@ -166,7 +166,7 @@ class Train(Group):
 class Export(Group):
     format: Literal["onnx", "safetensors"]
     out: Optional[str] = None
-    opset: Optional[Annotated[int, Field(ge=7)]] = None   # onnx only, as the two below
+    opset: Optional[Annotated[int, Field(ge=7)]] = None   # onnx only, as the three below
     dynamic_size: Optional[bool] = None
     verify_batch: Optional[PositiveInt] = None
     atol: Optional[Positive] = None
