@@ -173,6 +173,25 @@ def test_keep_previous_rotates(tmp_path):
     assert torch.load(previous_path(path), weights_only=True) == {"step": 1}
 
 
+def test_last_checkpoint_is_never_missing_while_it_rotates(tmp_path, monkeypatch):
+    """A kill between the rotation's renames must still find last.pt (the resume looks there first)."""
+    path = tmp_path / "last.pt"
+    save_atomic({"step": 1}, path, keep_previous=True)
+    rename = os.replace
+    present = []
+
+    def watched(src, dst):
+        present.append(path.exists())
+        rename(src, dst)
+
+    monkeypatch.setattr(os, "replace", watched)
+    save_atomic({"step": 2}, path, keep_previous=True)
+    assert present and all(present)
+    assert torch.load(path, weights_only=True) == {"step": 2}
+    assert torch.load(previous_path(path), weights_only=True) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.prev.pt", "last.pt"]
+
+
 def test_keep_last_n_epoch_checkpoints(tmp_path):
     last = tmp_path / "last.pt"
     for epoch in range(5):

@@ -20,7 +20,8 @@ def save_atomic(state: Dict[str, Any], path: Path, keep_previous: bool = False) 
     """Write to a temp file in the same folder, fsync, then rename over ``path``.
 
     A crash or a full disk mid-write leaves the previous checkpoint intact; with
-    ``keep_previous`` the one it replaces stays as ``<name>.prev.pt``.
+    ``keep_previous`` the one it replaces stays as ``<name>.prev.pt``. ``path`` exists at
+    every instant once written: a kill between the two renames still finds it.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -30,7 +31,7 @@ def save_atomic(state: Dict[str, Any], path: Path, keep_previous: bool = False) 
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and path.exists():
-            os.replace(path, previous_path(path))
+            keep_as_previous(path)
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:  # torch.save reports a failed write (a full disk) as a RuntimeError
         Path(tmp).unlink(missing_ok=True)
@@ -46,6 +47,21 @@ def save_atomic(state: Dict[str, Any], path: Path, keep_previous: bool = False) 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def keep_as_previous(path: Path) -> None:
+    """Make ``<name>.prev.pt`` the bytes of ``path`` without ``path`` ever going missing.
+
+    A hard link under a temp name, renamed over the old ``.prev``; a copy where links are not
+    supported. One a kill leaves is removed at the next start, with the other ``.*.tmp``.
+    """
+    linked = path.with_name(f".{path.name}.prev.tmp")
+    linked.unlink(missing_ok=True)
+    try:
+        os.link(path, linked)
+    except OSError:
+        shutil.copyfile(path, linked)
+    os.replace(linked, previous_path(path))
 
 
 def keep_epoch_copy(last: Path, epoch: int, keep: int) -> None:
