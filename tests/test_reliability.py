@@ -258,14 +258,22 @@ def test_metrics_agree_with_the_checkpoint_on_resume_finding_5(tmp_path):
     assert epochs_logged(tmp_path) == [0, 1, 2]
 
 
-def test_a_full_disk_is_one_line_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
+def closing_after_enospc(*args, **kwargs):  # torch 2.x on a full disk: the zip writer's __exit__ fails next
+    try:
+        raise OSError(errno.ENOSPC, "No space left on device")
+    except OSError:
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+
+
+def file_write_failed(*args, **kwargs):  # the text alone, as other torch versions report it
+    raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
+                       "data/0: file write failed")
+
+
+@pytest.mark.parametrize("full_disk_save", [closing_after_enospc, file_write_failed])
+def test_a_full_disk_is_one_line_and_leaves_the_previous_checkpoint(tmp_path, monkeypatch, full_disk_save):
     save_atomic({"step": 1}, tmp_path / "last.pt", keep_previous=True)
-
-    def file_write_failed(*args, **kwargs):  # what torch.save raises when the disk fills mid-write
-        raise RuntimeError("[enforce fail at inline_container.cc:664] . PytorchStreamWriter failed writing file "
-                           "data/0: file write failed")
-
-    monkeypatch.setattr(torch, "save", file_write_failed)
+    monkeypatch.setattr(torch, "save", full_disk_save)
     with pytest.raises(UserError, match=rf"no space left on '{tmp_path}' writing last.pt .*checkpoint.keep_last"):
         save_atomic({"step": 2}, tmp_path / "last.pt", keep_previous=True)
     assert torch.load(tmp_path / "last.pt", weights_only=True) == {"step": 1}
@@ -449,3 +457,45 @@ def test_resuming_another_models_checkpoint_says_what_differs_finding_10(tiny_ru
     torch.save(tampered, tmp_path / "tampered.pt")
     line = one_error_line(run_cli([*args, f"resume={tmp_path}/tampered.pt", "attention=se"]))
     assert "does not fit this run" in line
+
+
+# Where mounting is not allowed, torch.save fails in the run's own process as it does on a full disk.
+FULL_DISK_SAVE = """import torch
+
+def _full_disk(*args, **kwargs):
+    raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+torch.save = _full_disk
+"""
+
+
+def mount_tmpfs(path: Path, size: str) -> bool:
+    """Whether a tmpfs of ``size`` is now mounted on ``path`` (root, where the container allows it)."""
+    try:
+        return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                              capture_output=True).returncode == 0
+    except OSError:  # no mount command
+        return False
+
+
+@pytest.mark.slow
+def test_a_full_disk_run_dir_exits_2_with_one_line_finding_8(tiny_run, tmp_path, run_cli, repo):
+    """A 5 MB tmpfs run dir: Hydra's files fit, the first checkpoint (~90 MB) does not."""
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    mounted = mount_tmpfs(run_dir, "5m")
+    env = None
+    if not mounted:
+        (tmp_path / "site").mkdir()
+        (tmp_path / "site" / "sitecustomize.py").write_text(FULL_DISK_SAVE)
+        env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(repo)])}
+    try:
+        line = one_error_line(run_cli([*tiny_run["args"], f"hydra.run.dir={run_dir}"], env_extra=env))
+        assert line.startswith(f"error: no space left on '{run_dir / 'checkpoints'}' writing "), line
+        assert "checkpoint.keep_last" in line
+        assert list((run_dir / "checkpoints").iterdir()) == []  # no temp file, nothing half-written
+        metrics = run_dir / "metrics.jsonl"  # no epoch whose checkpoint was not written
+        assert not metrics.exists() or epochs_logged(run_dir) == []
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(run_dir)], check=True)

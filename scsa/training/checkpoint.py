@@ -33,20 +33,36 @@ def save_atomic(state: Dict[str, Any], path: Path, keep_previous: bool = False) 
         if keep_previous and path.exists():
             keep_as_previous(path)
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # torch.save reports a failed write (a full disk) as a RuntimeError
+    except (OSError, RuntimeError) as e:
         Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, RuntimeError) and "write" not in str(e):
+        cause = failed_write(e)
+        if cause is None:
             raise
-        if isinstance(e, RuntimeError) or e.errno in (errno.ENOSPC, errno.EDQUOT):
+        if cause.errno in (errno.ENOSPC, errno.EDQUOT):
             free = shutil.disk_usage(path.parent).free / 2 ** 20
             raise UserError(f"no space left on '{path.parent}' writing {path.name} ({free:.0f} MiB free): free space "
                             f"there, or keep fewer checkpoints (checkpoint.keep_last); the previous checkpoint is "
                             f"intact") from None
-        raise UserError(f"could not write checkpoint '{path}' ({e.strerror or e}): fix the permissions there; "
-                        f"the previous checkpoint is intact") from None
+        raise UserError(f"could not write checkpoint '{path}' ({cause.strerror or cause}): fix the permissions "
+                        f"there; the previous checkpoint is intact") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def failed_write(error: Optional[BaseException]) -> Optional[OSError]:
+    """The OSError behind a failed checkpoint write, or None if the failure was not a write.
+
+    On a full disk ``torch.save``'s zip writer raises a RuntimeError ("unexpected pos") while closing,
+    with the ENOSPC as its context; some versions say only "file write failed", taken as a full disk.
+    """
+    while error is not None:
+        if isinstance(error, OSError):
+            return error
+        if isinstance(error, RuntimeError) and "file write failed" in str(error):
+            return OSError(errno.ENOSPC, str(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def keep_as_previous(path: Path) -> None:
