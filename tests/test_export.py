@@ -23,17 +23,32 @@ IMAGENET_MEAN, IMAGENET_STD = [123.675, 116.28, 103.53], [58.395, 57.12, 57.375]
 
 
 def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Norm layers as training leaves them (the fresh zero-init'd last BNs would switch every residual
-    branch, and with it the attention, off): every tensor then matters to the output."""
+    """Norm layers as training leaves them: random affine parameters (the fresh zero-init'd last BNs would
+    switch every residual branch, and with it the attention, off) and running statistics measured on a few
+    batches, so that eval-mode BN normalises. With arbitrary statistics activations grow layer by layer, the
+    gates saturate and a deep random network turns chaotic (ResNet-101 + SE: fp32 and fp64 logits 4 % apart):
+    no export check means anything on it."""
     generator = torch.Generator().manual_seed(seed)
+    norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))]
     with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=generator) * 0.1)
+        for m in norms:
+            m.weight.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
+            m.bias.copy_(torch.randn(m.bias.shape, generator=generator) * 0.1)
+        for block in model.modules():  # the residual branches' last norms, small as in a trained network
+            if hasattr(block, "zero_init_last"):
+                block.zero_init_last()
+        for m in norms:
+            if not m.weight.any():
+                m.weight.copy_(torch.rand(m.weight.shape, generator=generator) * 0.2 + 0.1)
             if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=generator) * 0.1)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=generator) + 0.5)
+                m.reset_running_stats()
+                m.momentum = None  # a cumulative average over the batches below
+        model.train()
+        for _ in range(2):
+            model(torch.randn(8, 3, 64, 64, generator=generator))
+        for m in norms:
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.1
     return model.eval()
 
 
@@ -173,20 +188,16 @@ def test_onnx_matches_pytorch_for_every_attention(tmp_path, attention):
 
 
 # SCSA, EMA and CA take minutes to export on the deep backbones; their graphs do not depend on the backbone, and
-# test_onnx_matches_pytorch_for_every_attention exports each of them (and the test-only module, whose random
-# spatial mask left a deep backbone's logits 1.03e-4 off once) at two sizes.
+# test_onnx_matches_pytorch_for_every_attention exports each of them at two sizes.
 CHEAP_TO_EXPORT = [m for m in packaged_attentions() if m not in ("none", "scsa", "ema", "ca")]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backbone,attention", list(zip(list_backbones(), itertools.cycle(CHEAP_TO_EXPORT))))
 def test_onnx_matches_pytorch_for_every_backbone(tmp_path, backbone, attention):
-    """Each backbone with one attention module, at 32 px (and 64 x 96), within 1e-4 of the logits' scale: the
-    deep backbones' random weights give logits in the hundreds at 64 x 96, where fp32 itself differs by ~1e-3."""
-    trained = make_trained(backbone, attention, classes=10, image_size=32)
-    with torch.no_grad():
-        scale = max(1.0, float(trained.model(torch.randn(4, 3, 64, 96)).abs().max()))
-    assert export_onnx(trained, tmp_path, atol=1e-4 * scale).max_abs_diff <= 1e-4 * scale
+    """Each backbone with one attention module, verified at 32 px and 64 x 96 within 1e-4."""
+    exported = export_onnx(make_trained(backbone, attention, classes=10, image_size=32), tmp_path)
+    assert exported.max_abs_diff <= 1e-4 and len(exported.verified_sizes) == 2
 
 
 @pytest.mark.slow
