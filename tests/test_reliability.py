@@ -256,6 +256,17 @@ def test_metrics_agree_with_the_checkpoint_on_resume_finding_5(tmp_path):
     assert epochs_logged(tmp_path) == [0, 1]
     tracker.keep_epochs(3, {"epoch": 2, "step": 9})  # killed after last.pt of epoch 2, before its line
     assert epochs_logged(tmp_path) == [0, 1, 2]
+    with (tmp_path / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 3, "st')  # the disk filled mid-line, after last.pt of epoch 3
+    tracker.keep_epochs(4, {"epoch": 3, "step": 12})
+    assert epochs_logged(tmp_path) == [0, 1, 2, 3]
+
+
+def test_a_metrics_line_that_cannot_be_written_is_one_line(tmp_path):
+    (tmp_path / "metrics.jsonl").mkdir()  # any OSError: a full disk, here a folder in the file's place
+    tracker = Tracker(tmp_path, True, WandbRun("disabled", "p", tmp_path, {}, "n", []))
+    with pytest.raises(UserError, match="could not append to .*metrics.jsonl.*run the same command again"):
+        tracker.log_epoch({"epoch": 0, "step": 1})
 
 
 def closing_after_enospc(*args, **kwargs):  # torch 2.x on a full disk: the zip writer's __exit__ fails next

@@ -13,6 +13,7 @@ from tqdm import tqdm
 
 from scsa.analysis.plots import plot_curves
 from scsa.attention.kernels.autotune import format_decisions
+from scsa.errors import UserError
 from scsa.training.wandb_run import WandbRun, gpu_memory_gib
 
 log = logging.getLogger("train")
@@ -42,8 +43,12 @@ class Tracker:
         """Append one epoch's metrics as a JSON line and to train.log."""
         if not self.enabled:
             return
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        try:
+            with self.metrics_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+        except OSError as e:  # a full disk: the checkpoint written just before holds this line (keep_epochs)
+            raise UserError(f"could not append to '{self.metrics_path}' ({e.strerror or e}): free space there, "
+                            f"then run the same command again to resume") from None
         memory = gpu_memory_gib()
         self.wandb.log({f"epoch/{k}": v for k, v in record.items()}
                        | ({"epoch/gpu_mem_gib": memory} if memory is not None else {}), step=record["step"])
@@ -68,7 +73,7 @@ class Tracker:
         if not self.enabled:
             return
         lines = self.metrics_path.read_text().splitlines() if self.metrics_path.is_file() else []
-        by_epoch = {r["epoch"]: r for r in map(json.loads, filter(None, lines)) if r["epoch"] < epochs}
+        by_epoch = {r["epoch"]: r for r in filter(None, map(parse_line, lines)) if r["epoch"] < epochs}
         if record:
             by_epoch[record["epoch"]] = record
         tmp = self.metrics_path.with_name(self.metrics_path.name + ".tmp")
@@ -115,3 +120,11 @@ class Throughput:
     @property
     def rate(self) -> float:
         return self.images / max(time.perf_counter() - self.start, 1e-9)
+
+
+def parse_line(line: str) -> Optional[Dict[str, Any]]:
+    """One metrics.jsonl record, or None for an empty line or one a full disk cut short (a crash followed it)."""
+    try:
+        return json.loads(line) if line else None
+    except json.JSONDecodeError:
+        return None
