@@ -30,6 +30,7 @@ def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
     no export check means anything on it."""
     generator = torch.Generator().manual_seed(seed)
     norms = [m for m in model.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))]
+    momenta = {m: m.momentum for m in norms if isinstance(m, nn.BatchNorm2d)}
     with torch.no_grad():
         for m in norms:
             m.weight.copy_(torch.rand(m.weight.shape, generator=generator) + 0.5)
@@ -46,9 +47,8 @@ def trained_like(model: nn.Module, seed: int = 0) -> nn.Module:
         model.train()
         for _ in range(2):
             model(torch.randn(8, 3, 64, 64, generator=generator))
-        for m in norms:
-            if isinstance(m, nn.BatchNorm2d):
-                m.momentum = 0.1
+        for m, momentum in momenta.items():
+            m.momentum = momentum
     return model.eval()
 
 

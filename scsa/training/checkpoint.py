@@ -31,7 +31,7 @@ def save_atomic(state: Dict[str, Any], path: Path, keep_previous: bool = False) 
             f.flush()
             os.fsync(f.fileno())
         if keep_previous and path.exists():
-            keep_as_previous(path)
+            link_atomically(path, previous_path(path))
         os.replace(tmp, path)
     except (OSError, RuntimeError) as e:
         Path(tmp).unlink(missing_ok=True)
@@ -65,19 +65,19 @@ def failed_write(error: Optional[BaseException]) -> Optional[OSError]:
     return None
 
 
-def keep_as_previous(path: Path) -> None:
-    """Make ``<name>.prev.pt`` the bytes of ``path`` without ``path`` ever going missing.
+def link_atomically(source: Path, target: Path) -> None:
+    """Make ``target`` the bytes of ``source`` in one rename, ``source`` untouched.
 
-    A hard link under a temp name, renamed over the old ``.prev``; a copy where links are not
-    supported. One a kill leaves is removed at the next start, with the other ``.*.tmp``.
+    A hard link (no second write) or, where the file system has none, a copy, made under a temp
+    name: a kill leaves that ``.*.tmp``, which the next start removes, never a partial ``target``.
     """
-    linked = path.with_name(f".{path.name}.prev.tmp")
-    linked.unlink(missing_ok=True)
+    staged = target.with_name(f".{target.name}.tmp")
+    staged.unlink(missing_ok=True)
     try:
-        os.link(path, linked)
+        os.link(source, staged)
     except OSError:
-        shutil.copyfile(path, linked)
-    os.replace(linked, previous_path(path))
+        shutil.copyfile(source, staged)
+    os.replace(staged, target)
 
 
 def keep_epoch_copy(last: Path, epoch: int, keep: int) -> None:
@@ -86,12 +86,7 @@ def keep_epoch_copy(last: Path, epoch: int, keep: int) -> None:
     A hard link where the file system has them: no second write (``last`` is replaced by a
     rename at the next save, so the link keeps this epoch's bytes).
     """
-    kept = last.with_name(f"epoch_{epoch:04d}.pt")
-    kept.unlink(missing_ok=True)
-    try:
-        os.link(last, kept)
-    except OSError:
-        shutil.copyfile(last, kept)
+    link_atomically(last, last.with_name(f"epoch_{epoch:04d}.pt"))
     for old in sorted(last.parent.glob("epoch_*.pt"))[:-keep]:
         old.unlink()
 

@@ -47,8 +47,8 @@ class Tracker:
             with self.metrics_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
         except OSError as e:  # a full disk: the checkpoint written just before holds this line (keep_epochs)
-            raise UserError(f"could not append to '{self.metrics_path}' ({e.strerror or e}): free space there, "
-                            f"then run the same command again to resume") from None
+            raise UserError(f"could not append to '{self.metrics_path}' ({e.strerror or e}): free space there (or "
+                            f"fix what the error names), then run the same command again to resume") from None
         memory = gpu_memory_gib()
         self.wandb.log({f"epoch/{k}": v for k, v in record.items()}
                        | ({"epoch/gpu_mem_gib": memory} if memory is not None else {}), step=record["step"])
